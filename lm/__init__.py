@@ -1,0 +1,1 @@
+"""lm: decoder-only language models in JAX/Flax."""

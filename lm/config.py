@@ -1,0 +1,187 @@
+"""The run configuration: every field with its default, and one validation pass over a whole config.
+
+Config files in `configs/` start from `base_config()` and override what differs (nanodo / big_vision style), so a
+field exists, with its meaning documented, in exactly one place. `validate()` is called by every entry point before
+anything expensive happens; it raises `ConfigError` with a one-line message naming the field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Choice fields and the values they accept; `validate()` checks against these.
+CHOICES = {
+    "model.position_embedding": ("rope", "learned", "sinusoidal", "none"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.mlp_activation": ("swiglu", "gelu"),
+    "model.attention": ("auto", "xla", "cudnn"),
+    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.init": ("truncated_normal", "xavier", "he"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "data.source": ("default", "tfds", "files", "synthetic"),
+    "optim.optimizer": ("adamw", "lion", "sgd", "adafactor"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+# Integer fields that must be > 0.
+POSITIVE = (
+    "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+    "model.mlp_dim", "model.max_seq_len", "loss.chunk_size", "data.seq_len", "data.batch_size", "total_steps",
+)
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the program cannot run with. The message is one line naming the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field lm reads, with defaults for a small pre-norm RoPE/RMSNorm/SwiGLU model."""
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 2048
+    m.d_model = 256
+    m.num_layers = 4
+    m.num_heads = 4
+    m.num_kv_heads = 4  # == num_heads: MHA; 1 < k < num_heads: GQA; 1: MQA.
+    m.mlp_dim = 1024  # Hidden width of the MLP (per branch for SwiGLU).
+    m.max_seq_len = 256  # Longest sequence the model supports (learned position table size, decoding cache).
+    m.position_embedding = "rope"
+    m.rope_theta = 10_000.0
+    m.norm = "rmsnorm"
+    m.norm_eps = 1e-5
+    m.norm_position = "pre"
+    m.mlp_activation = "swiglu"
+    m.use_bias = False  # Biases in attention/MLP projections (GPT-2 has them, Llama does not).
+    m.tie_embeddings = False  # Output head reuses the token embedding (transposed).
+    m.dtype = "bfloat16"  # Compute dtype of activations and matmuls.
+    m.param_dtype = "float32"  # Storage dtype of parameters (master weights).
+    m.attention = "auto"  # auto: cuDNN flash attention on GPU, XLA reference elsewhere.
+    m.scan_layers = True  # Stack layers with nn.scan: compile time does not grow with depth.
+    m.remat_policy = "full"  # none | full (recompute everything) | dots | dots_no_batch (jax.checkpoint_policies).
+    m.init = "truncated_normal"
+    m.init_std = 0.02  # Std of the truncated-normal init; output projections are scaled by 1/sqrt(2 * num_layers).
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: all remaining devices.
+    c.mesh.tensor = 1
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.zero_stage = 1
+    # Logical axis -> mesh axes. Flax skips a mesh axis already used by an earlier dimension of the same array, so
+    # `embed` is sharded over `fsdp` for parameters but not for activations whose `batch` already took `fsdp`.
+    c.sharding.logical_axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+    )
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.chunk_size = 8192  # Vocabulary columns per step of the blockwise cross-entropy scan.
+    c.loss.z_loss = 0.0  # PaLM z-loss coefficient: z_loss * logsumexp^2.
+    c.loss.label_smoothing = 0.0
+    c.loss.logit_softcap = config_dict.placeholder(float)  # None: no soft-cap; c: c * tanh(logits / c).
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "default"  # default (built-in corpus) | tfds | files | synthetic
+    d.name = ""  # TFDS dataset name for source=tfds, e.g. "lm1b" or "c4/en".
+    d.data_dir = config_dict.placeholder(str)  # TFDS data_dir (local path or gs://).
+    d.files = config_dict.placeholder(str)  # Glob of .txt / .jsonl files for source=files.
+    d.text_field = "text"
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.seq_len = 128
+    d.batch_size = 16  # Global batch (sequences) across all processes.
+    d.pack = True  # Pack documents into full windows; False: one document per row, padded.
+    d.shuffle_buffer = 1024
+    d.tokenizer = t = ml_collections.ConfigDict()
+    t.path = config_dict.placeholder(str)  # SentencePiece .model; None: train one on the source and cache it.
+    t.vocab_size = 2048
+    t.byte_fallback = True
+    t.pad_id = 0
+    t.bos_id = 1
+    t.eos_id = 2
+    t.unk_id = 3
+    t.cache_dir = config_dict.placeholder(str)  # Where trained tokenizers are cached; None: ~/.cache/lm.
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.optimizer = "adamw"
+    o.learning_rate = 3e-4  # Peak learning rate.
+    o.warmup_steps = 100
+    o.schedule = "cosine"  # Decay after warmup.
+    o.end_lr_ratio = 0.1  # Floor of the decay as a fraction of the peak.
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.decay_embeddings = False  # Weight decay on embeddings (never on norms or biases).
+    o.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+    o.microbatches = 1  # Gradient accumulation: the global batch is split into this many sequential micro-batches.
+
+    c.total_steps = 1000
+    c.seed = 0
+    c.log_every = 10
+    c.eval_every = 200
+    c.eval_steps = 10
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.max_consecutive_skips = 10  # Non-finite steps in a row before the run stops.
+    return c
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    value = config
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def head_dim(model_config: ml_collections.ConfigDict) -> int:
+    """Per-head width: d_model / num_heads."""
+    return model_config.d_model // model_config.num_heads
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a whole config; raises ConfigError naming the first bad field. Returns the config for chaining."""
+    for field in POSITIVE:
+        value = _get(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
+    for field, allowed in CHOICES.items():
+        value = _get(config, field)
+        if value not in allowed:
+            raise ConfigError(f"config.{field}={value!r} is not one of {', '.join(allowed)}")
+
+    m = config.model
+    if m.d_model % m.num_heads:
+        raise ConfigError(
+            f"config.model.d_model={m.d_model} must be divisible by config.model.num_heads={m.num_heads}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"config.model.num_heads={m.num_heads} must be divisible by config.model.num_kv_heads={m.num_kv_heads}")
+    if m.position_embedding == "rope":
+        if head_dim(m) % 2:
+            raise ConfigError(
+                f"config.model.position_embedding='rope' needs an even head dimension, but d_model/num_heads="
+                f"{m.d_model}/{m.num_heads}={head_dim(m)} is odd")
+        if not m.rope_theta > 0:
+            raise ConfigError(f"config.model.rope_theta must be positive, got {m.rope_theta!r}")
+    if not m.init_std > 0:
+        raise ConfigError(f"config.model.init_std must be positive, got {m.init_std!r}")
+    if config.data.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"config.model.max_seq_len={m.max_seq_len} is below the training length "
+            f"config.data.seq_len={config.data.seq_len}")
+    if config.sharding.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config.sharding.zero_stage={config.sharding.zero_stage!r} is not one of 0, 1, 2, 3")
+    return config
