@@ -7,6 +7,9 @@ anything expensive happens; it raises `ConfigError` with a one-line message nami
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -137,6 +140,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.max_consecutive_skips = 10  # Non-finite steps in a row before the run stops.
     return c
+
+
+def load(path: str, **overrides) -> ml_collections.ConfigDict:
+    """Loads a config file the way `--config=path[:arg]` does, then applies dotted overrides.
+
+    `load("configs/tiny.py", **{"model.num_layers": 2})` equals `--config=configs/tiny.py --config.model.num_layers=2`.
+    """
+    path, _, arg = path.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        section = config
+        for key in parents:
+            section = section[key]
+        if leaf not in section:
+            raise ConfigError(f"config.{dotted} is not a config field")
+        section[leaf] = value
+    return config
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

@@ -1,0 +1,94 @@
+"""Attention implementations behind one function, chosen by `config.model.attention`.
+
+Axis letters: b batch, t query length, s key/value length, n query heads, g key/value heads (groups), r = n // g
+query heads per key/value head, h head dimension.
+
+- `xla`: the reference. Grouped-query einsums that never repeat K/V heads in memory, fp32 scores and softmax.
+  Works on every backend and is what CPU tests run.
+- `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, the fused flash-attention kernel of cuDNN on NVIDIA
+  GPUs (bf16/fp16 inputs only). Packed documents become a boolean mask, which cuDNN takes as a bias.
+- `auto`: `cudnn` on GPU for half-precision inputs, `xla` otherwise.
+
+TPU kernels plug in here: a `splash` case would call
+`jax.experimental.pallas.ops.tpu.splash_attention` with a `CausalMask` and `segment_ids`
+(`SegmentIds(q=segment_ids_bt, kv=segment_ids_bt)`) under `shard_map` over the batch and head axes, as MaxText does;
+its signature is the same as the two cases below.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def resolve_implementation(implementation: str, dtype) -> str:
+    """Maps `auto` to the fastest implementation available for this backend and dtype."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation != "auto":
+        return implementation
+    half_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and half_precision else "xla"
+
+
+def attention_mask(segment_ids_bt: jax.Array | None, length: int, causal: bool) -> jax.Array | None:
+    """Boolean mask `[b or 1, 1, t, t]`: True where query t may attend key s.
+
+    Causal keeps s <= t; segments keep pairs within one document (packed sequences never attend across documents).
+    Returns None when there is nothing to mask.
+    """
+    mask = None
+    if causal:
+        index_t = jnp.arange(length)
+        mask = (index_t[:, None] >= index_t[None, :])[None, None]
+    if segment_ids_bt is not None:
+        same_segment_b1ts = (segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :])
+        mask = same_segment_b1ts if mask is None else mask & same_segment_b1ts
+    return mask
+
+
+def _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_b1ts) -> jax.Array:
+    b, t, n, h = q_btnh.shape
+    g = k_bsgh.shape[2]
+    q_btgrh = q_btnh.reshape(b, t, g, n // g, h)
+    scores_bgrts = jnp.einsum("btgrh,bsgh->bgrts", q_btgrh, k_bsgh, preferred_element_type=jnp.float32)
+    scores_bgrts = scores_bgrts * (h ** -0.5)
+    if mask_b1ts is not None:
+        # [b, 1, t, s] -> [b, 1, 1, t, s] broadcasts over (g, r). A large finite negative keeps fully masked rows
+        # (never produced by a causal mask, which always allows the diagonal) free of NaN.
+        scores_bgrts = jnp.where(mask_b1ts[:, :, None], scores_bgrts, jnp.finfo(jnp.float32).min)
+    probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(v_bsgh.dtype)
+    out_btgrh = jnp.einsum("bgrts,bsgh->btgrh", probs_bgrts, v_bsgh, preferred_element_type=jnp.float32)
+    return out_btgrh.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def dot_product_attention(
+    q_btnh: jax.Array,
+    k_bsgh: jax.Array,
+    v_bsgh: jax.Array,
+    *,
+    segment_ids_bt: jax.Array | None = None,
+    causal: bool = True,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Multi-head / grouped-query / multi-query attention.
+
+    Args:
+      q_btnh: queries `[batch, length, heads, head_dim]`.
+      k_bsgh, v_bsgh: keys and values `[batch, length, kv_heads, head_dim]`; `heads % kv_heads == 0`.
+      segment_ids_bt: int `[batch, length]` document ids of packed rows; tokens attend only within their segment.
+      causal: mask future keys (query and key positions aligned, t == s).
+      implementation: `xla`, `cudnn` or `auto` (see module docstring).
+
+    Returns:
+      `[batch, length, heads, head_dim]` in the dtype of `q_btnh`.
+    """
+    implementation = resolve_implementation(implementation, q_btnh.dtype)
+    if implementation == "cudnn":
+        mask_b1ts = attention_mask(segment_ids_bt, q_btnh.shape[1], causal=False)
+        return jax.nn.dot_product_attention(
+            q_btnh, k_bsgh, v_bsgh, mask=mask_b1ts, is_causal=causal, implementation="cudnn")
+    mask_b1ts = attention_mask(segment_ids_bt, q_btnh.shape[1], causal)
+    return _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_b1ts)

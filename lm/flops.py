@@ -1,0 +1,80 @@
+"""Parameter and FLOP counting from a config alone (no initialisation), for reports and MFU.
+
+Notation: V vocab_size, d d_model, L num_layers, n num_heads, g num_kv_heads, h = d / n head dim, f mlp_dim,
+T sequence length.
+
+Training FLOPs per token (forward + backward = 3 x forward, each multiply-add = 2 FLOPs):
+
+    flops_per_token = 6 * N_matmul + 6 * L * n * h * (T + 1)
+
+- `N_matmul` counts the weights of every matrix multiply a token goes through: per layer the query, key, value and
+  output projections `d*n*h + 2*d*g*h + n*h*d` and the MLP (`3*d*f` SwiGLU, `2*d*f` GELU), plus the LM head `d*V`
+  (counted even when tied to the embedding: the multiply happens either way). The embedding lookup, learned
+  positions, norms and biases are not matmuls and are not counted (the "non-embedding" convention of Kaplan et al.
+  2020, with the output projection kept as in PaLM).
+- The attention term counts causal attention once per visible (query, key) pair: query t sees t + 1 keys, so a
+  sequence has T(T+1)/2 pairs, i.e. (T+1)/2 per token. Each pair costs `n*h` multiply-adds for the scores and `n*h`
+  for the weighted values: forward 4*n*h*(T+1)/2 FLOPs per token per layer, times 3 for training. This is the work
+  a causal flash-attention kernel actually does; PaLM's appendix convention (`12*L*n*h*T`, all T^2 pairs) is
+  about twice as large and is available as `causal=False`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _model(config: ml_collections.ConfigDict):
+    return config.model if "model" in config else config
+
+
+def _norm_params(m) -> int:
+    return m.d_model * (2 if m.norm == "layernorm" else 1)
+
+
+def layer_param_count(config: ml_collections.ConfigDict) -> int:
+    """Parameters of one Transformer block."""
+    m = _model(config)
+    d, n, g, f = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim
+    h = d // n
+    attention = d * n * h + 2 * d * g * h + n * h * d
+    mlp_matrices = 3 if m.mlp_activation == "swiglu" else 2
+    mlp = mlp_matrices * d * f
+    if m.use_bias:
+        attention += n * h + 2 * g * h + d
+        mlp += (mlp_matrices - 1) * f + d
+    return attention + mlp + 2 * _norm_params(m)
+
+
+def param_count(config: ml_collections.ConfigDict) -> int:
+    """Exact number of parameters `lm.model.Transformer` creates for this config."""
+    m = _model(config)
+    total = m.vocab_size * m.d_model + m.num_layers * layer_param_count(m)
+    if m.position_embedding == "learned":
+        total += m.max_seq_len * m.d_model
+    if m.norm_position == "pre":
+        total += _norm_params(m)
+    if not m.tie_embeddings:
+        total += m.d_model * m.vocab_size
+    return total
+
+
+def matmul_param_count(config: ml_collections.ConfigDict) -> int:
+    """N_matmul of the module docstring: weights of the matmuls one token goes through, LM head included."""
+    m = _model(config)
+    d, n, g, f = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim
+    h = d // n
+    per_layer = d * n * h + 2 * d * g * h + n * h * d + (3 if m.mlp_activation == "swiglu" else 2) * d * f
+    return m.num_layers * per_layer + d * m.vocab_size
+
+
+def attention_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token of the attention scores and weighted values (module docstring)."""
+    m = _model(config)
+    visible_keys = (seq_len + 1) / 2 if causal else seq_len
+    return 3 * 4 * m.num_layers * m.d_model * visible_keys
+
+
+def train_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
+    """Training (forward + backward) FLOPs per token: `6 * N_matmul + attention term`. Remat recompute excluded."""
+    return 6 * matmul_param_count(config) + attention_flops_per_token(config, seq_len, causal)

@@ -1,0 +1,319 @@
+"""The decoder-only Transformer, a Flax Linen module used functionally (`init` / `apply`).
+
+Axis letters in names: b batch, t length, d d_model, n query heads, g key/value heads, h head dim, f MLP hidden,
+v vocabulary, l layers.
+
+    tokens_bt ─embed─▶ x_btd (+ learned / sinusoidal positions) ─▶ L × Block ─▶ final norm ─▶ hidden_btd
+
+`Transformer.__call__` returns the final-normed hidden states; the LM head is not applied there. Training passes the
+head's kernel (`Transformer.output_kernel`, `[d, v]`) to `lm.loss.cross_entropy`, which applies it chunk by chunk over
+the vocabulary; decoding calls `Transformer.logits` on the positions it needs.
+
+Every parameter is created through `nn.with_logical_partitioning` with the logical axis names of DESIGN.md
+(`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, and `layers` for the scanned stack), so the sharding rules
+in the config decide where each lives. `init` therefore returns `nn.Partitioned` boxes; `nn.get_partition_spec` reads
+their logical names and `nn.unbox` gives plain arrays (`apply` accepts either).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lm import attention as attention_lib
+
+Initializer = Any
+
+# Standard deviation of a unit normal truncated to [-2, 2].
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+REMAT_POLICIES = {
+    "full": None,  # Save nothing: recompute the whole block in the backward pass.
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def model_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+    """The hashable model section of a run config (accepts the whole config or `config.model`)."""
+    section = config.model if "model" in config else config
+    return ml_collections.FrozenConfigDict(section)
+
+
+def _kernel_init(cfg, fan_in_axes: tuple[int, ...], fan_out_axes: tuple[int, ...], output_projection: bool):
+    """Initializer for a projection kernel; axes are given so multi-axis kernels get the right fans.
+
+    truncated_normal: std `init_std`, divided by sqrt(2 * num_layers) for projections that write into the residual
+    stream (GPT-2 / Megatron depth scaling). xavier: Glorot uniform. he: Kaiming truncated normal on fan-in.
+    """
+    if cfg.init == "truncated_normal":
+        std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if output_projection else cfg.init_std
+        # jax's `stddev` is that of the normal before truncation at +-2 sigma; divide so `init_std` is the real std.
+        return nn.initializers.truncated_normal(stddev=std / _TRUNCATED_NORMAL_STD)
+    if cfg.init == "xavier":
+        return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=fan_in_axes, out_axis=fan_out_axes)
+    if cfg.init == "he":
+        return nn.initializers.variance_scaling(
+            2.0, "fan_in", "truncated_normal", in_axis=fan_in_axes, out_axis=fan_out_axes)
+    raise ValueError(f"config.model.init={cfg.init!r} is not one of truncated_normal, xavier, he")
+
+
+class Projection(nn.Module):
+    """A linear map over named axes: `einsum(equation, x, kernel) (+ bias)`, kernel stored in `param_dtype`.
+
+    A small explicit replacement for `nn.DenseGeneral`, whose kernel initializer sees a flattened shape; here the
+    initializer and the logical axis names see the kernel's real shape.
+    """
+
+    cfg: ml_collections.FrozenConfigDict
+    equation: str  # e.g. "btd,dnh->btnh"
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    fan_in_axes: tuple[int, ...]
+    fan_out_axes: tuple[int, ...]
+    output_projection: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        init = _kernel_init(cfg, self.fan_in_axes, self.fan_out_axes, self.output_projection)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, self.kernel_axes), self.kernel_shape,
+            jnp.dtype(cfg.param_dtype))
+        y = jnp.einsum(self.equation, x, kernel.astype(cfg.dtype))
+        if cfg.use_bias:
+            out_axes = self.kernel_axes[len(self.fan_in_axes):]
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
+                self.kernel_shape[len(self.fan_in_axes):], jnp.dtype(cfg.param_dtype))
+            y = y + bias.astype(cfg.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last (embed) axis, computed in fp32, returned in the compute dtype."""
+
+    cfg: ml_collections.FrozenConfigDict
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        d = x_btd.shape[-1]
+        x32 = x_btd.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), param_dtype)
+        y = x32 * scale.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(cfg.dtype)
+
+
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half layout: pairs are (i, i + h/2).
+
+    Rotates each pair by angle `position * theta^(-2i/h)`, so q.k depends only on the difference of positions.
+    Angles are computed in fp32; the result keeps the dtype of `x_btnh`.
+    """
+    h = x_btnh.shape[-1]
+    inv_freq_k = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
+    angles_btk = positions_bt.astype(jnp.float32)[..., None] * inv_freq_k
+    sin_bt1k = jnp.sin(angles_btk)[:, :, None, :]
+    cos_bt1k = jnp.cos(angles_btk)[:, :, None, :]
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos_bt1k - x2 * sin_bt1k, x2 * cos_bt1k + x1 * sin_bt1k], axis=-1)
+    return rotated.astype(x_btnh.dtype)
+
+
+def sinusoidal_positions(positions_bt: jax.Array, d: int) -> jax.Array:
+    """Fixed sin/cos position encodings (Vaswani et al. 2017), `[b, t, d]` fp32; sin in the first half."""
+    inv_freq_k = 10_000.0 ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+    angles_btk = positions_bt.astype(jnp.float32)[..., None] * inv_freq_k
+    encoding_btd = jnp.concatenate([jnp.sin(angles_btk), jnp.cos(angles_btk)], axis=-1)
+    return jnp.pad(encoding_btd, ((0, 0), (0, 0), (0, d % 2)))
+
+
+class Attention(nn.Module):
+    """Causal self-attention with `num_kv_heads` key/value heads (MHA, GQA or MQA) and optional RoPE."""
+
+    cfg: ml_collections.FrozenConfigDict
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+        cfg = self.cfg
+        d, n, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
+        h = d // n
+        project = functools.partial(Projection, cfg, fan_in_axes=(0,), fan_out_axes=(1, 2))
+        q_btnh = project("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), name="query")(x_btd)
+        k_btgh = project("btd,dgh->btgh", (d, g, h), ("embed", "kv_heads", "head_dim"), name="key")(x_btd)
+        v_btgh = project("btd,dgh->btgh", (d, g, h), ("embed", "kv_heads", "head_dim"), name="value")(x_btd)
+        if cfg.position_embedding == "rope":
+            q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
+            k_btgh = rope(k_btgh, positions_bt, cfg.rope_theta)
+        q_btnh = nn.with_logical_constraint(q_btnh, ("batch", "length", "heads", "head_dim"))
+        k_btgh = nn.with_logical_constraint(k_btgh, ("batch", "length", "kv_heads", "head_dim"))
+        v_btgh = nn.with_logical_constraint(v_btgh, ("batch", "length", "kv_heads", "head_dim"))
+        out_btnh = attention_lib.dot_product_attention(
+            q_btnh, k_btgh, v_btgh, segment_ids_bt=segment_ids_bt, causal=True, implementation=cfg.attention)
+        out_btnh = nn.with_logical_constraint(out_btnh, ("batch", "length", "heads", "head_dim"))
+        return Projection(
+            cfg, "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), fan_in_axes=(0, 1), fan_out_axes=(2,),
+            output_projection=True, name="out")(out_btnh)
+
+
+class Mlp(nn.Module):
+    """SwiGLU (`silu(x W_gate) * (x W_up) W_down`, Shazeer 2020) or GELU (tanh approximation, as GPT-2) MLP."""
+
+    cfg: ml_collections.FrozenConfigDict
+
+    @nn.compact
+    def __call__(self, x_btd):
+        cfg = self.cfg
+        d, f = cfg.d_model, cfg.mlp_dim
+        up = functools.partial(Projection, cfg, "btd,df->btf", (d, f), ("embed", "mlp"), (0,), (1,))
+        if cfg.mlp_activation == "swiglu":
+            h_btf = nn.silu(up(name="gate")(x_btd)) * up(name="up")(x_btd)
+        else:
+            h_btf = nn.gelu(up(name="up")(x_btd), approximate=True)
+        h_btf = nn.with_logical_constraint(h_btf, ("batch", "length", "mlp"))
+        return Projection(
+            cfg, "btf,fd->btd", (f, d), ("mlp", "embed"), (0,), (1,), output_projection=True, name="down")(h_btf)
+
+
+class Block(nn.Module):
+    """One Transformer layer: attention and MLP sublayers with residuals, pre-norm or post-norm.
+
+    pre-norm:  x = x + attn(norm(x)); x = x + mlp(norm(x))
+    post-norm: x = norm(x + attn(x)); x = norm(x + mlp(x))
+    Signature `(carry, *broadcast) -> (carry, None)` so it can be stacked with `nn.scan`.
+    """
+
+    cfg: ml_collections.FrozenConfigDict
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+        cfg = self.cfg
+        attention = Attention(cfg, name="attention")
+        mlp = Mlp(cfg, name="mlp")
+        if cfg.norm_position == "pre":
+            x_btd = x_btd + attention(Norm(cfg, name="attention_norm")(x_btd), positions_bt, segment_ids_bt)
+            x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+            x_btd = x_btd + mlp(Norm(cfg, name="mlp_norm")(x_btd))
+        else:
+            x_btd = Norm(cfg, name="attention_norm")(x_btd + attention(x_btd, positions_bt, segment_ids_bt))
+            x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+            x_btd = Norm(cfg, name="mlp_norm")(x_btd + mlp(x_btd))
+        x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+        return x_btd, None
+
+
+def _block_class(cfg) -> type[nn.Module]:
+    """Block, wrapped in `nn.remat` with the configured checkpoint policy."""
+    if cfg.remat_policy == "none":
+        return Block
+    # prevent_cse is unnecessary inside scan (the loop already stops CSE across the remat boundary).
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+    """Decoder-only Transformer. `cfg` is `model_config(config)`: the frozen `config.model` section."""
+
+    cfg: ml_collections.FrozenConfigDict
+
+    def setup(self):
+        cfg = self.cfg
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        self.embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=param_dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=cfg.init_std), ("vocab", "embed")))
+        if cfg.position_embedding == "learned":
+            self.position_table = self.param(
+                "position_table",
+                nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), ("length", "embed")),
+                (cfg.max_seq_len, cfg.d_model), param_dtype)
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        if cfg.norm_position == "pre":
+            self.final_norm = Norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(_kernel_init(cfg, (0,), (1,), False), ("embed", "vocab")),
+                (cfg.d_model, cfg.vocab_size), param_dtype)
+
+    def __call__(
+        self,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+    ) -> jax.Array:
+        """Hidden states of a batch of token sequences.
+
+        Args:
+          tokens_bt: int `[batch, length]` token ids.
+          positions_bt: int `[batch, length]` position of each token within its document (default 0..length-1);
+            packed rows restart at 0 per document, so RoPE and learned positions restart too.
+          segment_ids_bt: int `[batch, length]` document id of each token in a packed row; attention stays within
+            a document. None: one document per row.
+
+        Returns:
+          `[batch, length, d_model]` final hidden states in the compute dtype (final-normed for pre-norm models;
+          post-norm blocks already end in a norm).
+        """
+        cfg = self.cfg
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        x_btd = self.embed(tokens_bt)
+        if cfg.position_embedding == "learned":
+            x_btd = x_btd + jnp.take(self.position_table, positions_bt, axis=0).astype(cfg.dtype)
+        elif cfg.position_embedding == "sinusoidal":
+            x_btd = x_btd + sinusoidal_positions(positions_bt, cfg.d_model).astype(cfg.dtype)
+        x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+        if cfg.scan_layers:
+            x_btd, _ = self.layers(x_btd, positions_bt, segment_ids_bt)
+        else:
+            for layer in self.layers:
+                x_btd, _ = layer(x_btd, positions_bt, segment_ids_bt)
+        if cfg.norm_position == "pre":
+            x_btd = self.final_norm(x_btd)
+        return nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+
+    def output_kernel(self) -> jax.Array:
+        """The LM head `[d_model, vocab]` in the compute dtype (the transposed embedding when tied)."""
+        kernel_dv = self.embed.embedding.T if self.cfg.tie_embeddings else self.lm_head
+        return kernel_dv.astype(self.cfg.dtype)
+
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """Logits `[..., vocab]` in fp32 for the given hidden states (decoding: only the positions it needs)."""
+        return jnp.einsum("...d,dv->...v", hidden_btd, self.output_kernel(), preferred_element_type=jnp.float32)
+
+
+def build(config: ml_collections.ConfigDict) -> Transformer:
+    """The Transformer for a run config (or its `model` section)."""
+    return Transformer(model_config(config))
+
+
+def init(model: Transformer, rng: jax.Array, batch_size: int = 1, length: int = 8):
+    """Initial parameters, boxed in `nn.Partitioned` with logical axis names. Use under `jax.eval_shape` for shapes."""
+    tokens_bt = jnp.zeros((batch_size, length), jnp.int32)
+    return model.init(rng, tokens_bt)["params"]
