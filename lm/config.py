@@ -72,15 +72,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices.
     c.mesh.tensor = 1
+    # Sizes of each axis across hosts (GPU nodes, TPU slices) over the data-center network; the sizes above are
+    # within one host. The total axis size is the product. Data parallelism is what should cross hosts.
+    c.mesh.dcn_data = 1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_tensor = 1
 
     c.sharding = ml_collections.ConfigDict()
     c.sharding.zero_stage = 1
-    # Logical axis -> mesh axes. Flax skips a mesh axis already used by an earlier dimension of the same array, so
-    # `embed` is sharded over `fsdp` for parameters but not for activations whose `batch` already took `fsdp`.
+    # Logical axis -> mesh axes, for parameters and activations. Where parameters, gradients and optimizer state
+    # sit along the data axes (`data`, `fsdp`) is decided by zero_stage (lm/sharding.py), not by these rules.
     c.sharding.logical_axis_rules = (
         ("batch", ("data", "fsdp")),
         ("length", None),
-        ("embed", "fsdp"),
+        ("embed", None),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("head_dim", None),
@@ -106,16 +111,17 @@ def base_config() -> ml_collections.ConfigDict:
     d.seq_len = 128
     d.batch_size = 16  # Global batch (sequences) across all processes.
     d.pack = True  # Pack documents into full windows; False: one document per row, padded.
-    d.shuffle_buffer = 1024
+    d.shuffle_buffer = 1024  # Documents shuffled within a window, for TFRecord datasets read in order.
+    d.cache_dir = config_dict.placeholder(str)  # Prepared local datasets and tokenizers; None: $LM_CACHE_DIR or ~/.cache/lm.
     d.tokenizer = t = ml_collections.ConfigDict()
     t.path = config_dict.placeholder(str)  # SentencePiece .model; None: train one on the source and cache it.
     t.vocab_size = 2048
+    t.model_type = "bpe"  # SentencePiece model type when training one: bpe | unigram.
     t.byte_fallback = True
     t.pad_id = 0
     t.bos_id = 1
     t.eos_id = 2
     t.unk_id = 3
-    t.cache_dir = config_dict.placeholder(str)  # Where trained tokenizers are cached; None: ~/.cache/lm.
 
     c.optim = o = ml_collections.ConfigDict()
     o.optimizer = "adamw"

@@ -78,3 +78,67 @@ def attention_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, c
 def train_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
     """Training (forward + backward) FLOPs per token: `6 * N_matmul + attention term`. Remat recompute excluded."""
     return 6 * matmul_param_count(config) + attention_flops_per_token(config, seq_len, causal)
+
+
+# Peak dense bf16 FLOP/s of one device (one chip / one GPU), from the vendors' datasheets (without sparsity):
+# NVIDIA H100 SXM 989.4 TFLOP/s and H100 PCIe 756 (H100 datasheet), H200 989.4 (H200 datasheet: same Hopper tensor
+# cores), A100 312 (A100 datasheet); Google Cloud TPU docs: v4 275, v5e 197, v5p 459, v6e (Trillium) 918.
+# Keys are matched as substrings of `jax.Device.device_kind`, most specific first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989.4e12),
+    ("H200", 989.4e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+)
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+    """Datasheet peak dense bf16 FLOP/s for a device kind, or None when the kind is not in the table."""
+    for key, peak in PEAK_BF16_FLOPS:
+        if key.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def measure_matmul_flops(dtype="float32", size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul on the default device (median of `repeats`), the CPU stand-in for a peak."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / float(np.median(times))
+
+
+def peak_flops(devices, dtype="bfloat16") -> tuple[float, str]:
+    """Total peak FLOP/s of `devices` and a label saying where the figure comes from.
+
+    Accelerators: datasheet bf16 peak per device times the number of devices. CPU (and unknown kinds): one measured
+    matmul in the compute dtype; simulated CPU devices share the same cores, so the measured figure is the total.
+    """
+    kind = devices[0].device_kind
+    per_device = device_peak_flops(kind)
+    if per_device is not None and devices[0].platform != "cpu":
+        return per_device * len(devices), f"{len(devices)} x {kind} datasheet bf16 peak"
+    return measure_matmul_flops(dtype), f"measured {dtype} matmul peak of this {devices[0].platform}"
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: float) -> float:
+    """Model FLOPs utilisation: `flops_per_token * tokens_per_second / peak` (model FLOPs only, remat excluded)."""
+    return flops_per_token * tokens_per_second / peak

@@ -1,0 +1,381 @@
+"""Blockwise cross-entropy: the LM head and the loss in one pass over vocabulary chunks.
+
+`cross_entropy(hidden, kernel, targets, ...)` computes `softmax_cross_entropy(hidden @ kernel, targets)` without a
+`[tokens, vocab]` array ever existing, forward or backward. A 256k vocabulary with 8k tokens would need 8.4 GB for
+the fp32 logits alone; here the largest temporaries are a few `[tokens, chunk]` blocks.
+
+Algorithm
+---------
+The vocabulary is cut into `ceil(V / chunk_size)` column blocks of (almost) equal width `C <= chunk_size`: a first
+"head" block of width `V - (n - 1) * C` (1 <= head <= C) followed by `n - 1` blocks of width `C`. Every block has a
+static width and a start that never passes `V - C`, so `lax.dynamic_slice` never clamps and no column is read twice,
+and the kernel is never padded or copied. For `V = 50257, chunk_size = 4096` that is 13 blocks: one of 3865 and
+twelve of 3866 columns.
+
+1. Statistics pass (the forward): for each block, `logits_nc = hidden_nd @ kernel_dc` (matmul in the input dtype,
+   fp32 accumulation), then, in fp32, the online logsumexp (running max `m` and sum of `exp(logits - m)`, rescaled when
+   the max grows), the target logit (picked by comparing column ids with the targets: no gather), the running argmax
+   (for accuracy) and, with label smoothing, the sum of the logits. The head block runs first, the middle blocks in a
+   `lax.scan`, the last block last.
+2. Gradient pass (only under differentiation): with the final log-partition `lse_n` known, each block's logits are
+   computed again and turned into `dlogits_nc = dloss/dlogits` (fp32, cast once to the matmul dtype), which feed
+   `dhidden_nd += dlogits_nc @ kernel_dc.T` (accumulated in fp32 across blocks) and
+   `dkernel[:, block] = hidden_nd.T @ dlogits_nc` (one fp32-accumulated matmul per block, written once in place into
+   a kernel-shaped buffer, so no fp32 copy of the kernel is needed when the kernel is bf16).
+
+Where the gradient is computed: in the forward rule
+--------------------------------------------------
+`jax.custom_vjp` lets the backward either recompute every block from `hidden`, `kernel` and the saved log-partition, or
+compute the gradients already in the forward rule and save only the finished gradients as residuals. We do the
+latter. Both cost the same for the middle blocks: an exact gradient of the kernel needs every row's final normaliser
+`exp(-lse_n)` before any block of `dkernel` can be formed (the per-row factor cannot be pulled out of `hidden.T @ P`),
+so each block's logits must be computed twice, once before and once after `lse` is known. But computing the gradient
+in the forward rule means the last block of the statistics pass is still in hand when the gradient pass starts, so
+it is not recomputed: the total is `3 + (n - 1) / n` matmuls of `[N, D] x [D, V]` size instead of 4, and exactly the
+3 of the naive version when one block covers the vocabulary. Nothing is stored across the forward/backward boundary
+but the gradients themselves (`[N, D]` fp32, kernel-shaped in the kernel dtype, `[N]` for the weights); the backward
+rule only multiplies them by the incoming cotangent. The primal (evaluation, no gradient) path runs the statistics
+pass alone. The price: under `jax.checkpoint` the forward rule is replayed, so keep the loss outside rematerialised
+regions (the model's scanned layers are remat'ed, the loss after them is not).
+
+Numerics
+--------
+Matmuls run in `hidden.dtype` (the model's compute dtype; a kernel of another dtype is cast block by block, as Flax's
+`Dense(dtype=...)` does) with `preferred_element_type=float32`. The softmax statistics, `dlogits` and the `dhidden`
+accumulator are fp32; `probs = exp(logits - lse)` and `probs - onehot` are formed in fp32, so confident predictions
+(p -> 1) keep their small gradients in bf16. Each column block of `dkernel` is the result of a single matmul with fp32
+accumulation, then cast to the kernel dtype once.
+
+Sharding
+--------
+Everything is `jax.jit`-compatible with sharded inputs (hidden over the batch axes, kernel over `vocab` or `embed`):
+the results equal the single-device results. With the kernel sharded over `vocab` the compiler gathers each block
+it slices, so tensor-parallel vocabularies trade communication for memory here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["cross_entropy", "chunk_plan"]
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Static (hashable) settings of one cross-entropy call."""
+
+    chunk_size: int
+    z_loss: float
+    label_smoothing: float
+    logit_softcap: float | None
+
+
+class _Stats(NamedTuple):
+    """Per-token running statistics of the statistics pass, all `[N]`."""
+
+    max_n: jax.Array  # fp32 running max of the logits seen so far.
+    sumexp_n: jax.Array  # fp32 sum of exp(logits - max_n) over the columns seen so far.
+    target_logit_n: jax.Array  # fp32 logit of the target column (0 until its block is seen).
+    logit_sum_n: jax.Array  # fp32 sum of all logits (only used with label smoothing).
+    argmax_n: jax.Array  # int32 column of the running max; ties keep the lowest column, as jnp.argmax does.
+
+
+def chunk_plan(vocab_size: int, chunk_size: int) -> tuple[int, int, int]:
+    """How the vocabulary is cut into blocks: `(num_blocks, width, head_width)`.
+
+    `num_blocks = ceil(V / chunk_size)` blocks: first a head block of `head_width` columns (1 <= head_width <= width),
+    then `num_blocks - 1` blocks of `width = ceil(V / num_blocks) <= chunk_size` columns. Widths are balanced so no
+    block is a sliver, and since `(num_blocks - 1) * width < V` every block lies inside `[0, V)`.
+    """
+    num_blocks = -(-vocab_size // chunk_size)
+    width = -(-vocab_size // num_blocks)
+    head_width = vocab_size - (num_blocks - 1) * width
+    return num_blocks, width, head_width
+
+
+def cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array | None = None, *,
+                  chunk_size: int, z_loss: float = 0.0, label_smoothing: float = 0.0,
+                  logit_softcap: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted mean cross-entropy of `hidden @ kernel` against `targets`, computed blockwise over the vocabulary.
+
+    Args:
+      hidden: `[..., d]` final hidden states (bf16 or fp32); its dtype is the matmul dtype.
+      kernel: `[d, V]` LM-head kernel (any float dtype; cast to `hidden.dtype` one block at a time).
+      targets: `[...]` integer next-token ids in `[0, V)`. Tokens with weight 0 may hold any value (e.g. padding).
+      weights: optional `[...]` non-negative float weights; 0 ignores a token. None: every token has weight 1.
+      chunk_size: most vocabulary columns per block; temporaries grow with it (about `4 * tokens * chunk_size`
+        bytes per fp32 block array), the number of sequential steps shrinks with it.
+      z_loss: PaLM's auxiliary `z_loss * logsumexp(logits)^2` per token, added to the loss.
+      label_smoothing: eps; the target distribution is `(1 - eps) * onehot(target) + eps / V` (optax.smooth_labels).
+      logit_softcap: c; if set, logits are `c * tanh(raw / c)` before everything else (softmax, z-loss, argmax).
+
+    Returns:
+      `(loss, aux)`: `loss` is the fp32 scalar `sum(w * (ce + z_loss * lse^2)) / sum(w)`, 0 when `sum(w) == 0` (then
+      all gradients are 0 as well). `aux` holds fp32 scalars, weighted means over the counted tokens unless noted:
+      `nll` (unsmoothed -log p(target): log-perplexity), `z_loss` (the z-loss term), `log_z` (log-partition `lse`),
+      `accuracy` (argmax == target), `weight_sum` (sum of weights, a sum). `aux` carries no gradient.
+
+    Gradients flow to `hidden`, `kernel` and `weights` (exact, including z-loss, smoothing and soft-cap terms), not to
+    `targets`.
+    """
+    hidden, kernel, targets = jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(targets)
+    if hidden.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+        raise ValueError(f"cross_entropy: expected hidden [..., d] and kernel [d, V] with the same d, got hidden "
+                         f"{hidden.shape} and kernel {kernel.shape}")
+    if not (jnp.issubdtype(hidden.dtype, jnp.floating) and jnp.issubdtype(kernel.dtype, jnp.floating)):
+        raise ValueError(f"cross_entropy: hidden and kernel must be floating point, got {hidden.dtype} and "
+                         f"{kernel.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets must have shape hidden.shape[:-1]={hidden.shape[:-1]}, got "
+                         f"{targets.shape}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"cross_entropy: targets must be integers, got {targets.dtype}")
+    if weights is not None:
+        weights = jnp.asarray(weights)
+        if weights.shape != targets.shape:
+            raise ValueError(f"cross_entropy: weights must have the shape of targets {targets.shape}, got "
+                             f"{weights.shape}")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"cross_entropy: chunk_size must be a positive integer, got {chunk_size!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"cross_entropy: logit_softcap must be None or positive, got {logit_softcap!r}")
+
+    d = hidden.shape[-1]
+    hidden_nd = hidden.reshape(-1, d)
+    targets_n = targets.reshape(-1).astype(jnp.int32)
+    if weights is None:
+        weights_n = jnp.ones(targets_n.shape, _F32)
+    else:
+        weights_n = weights.reshape(-1).astype(_F32)
+    options = _Options(int(chunk_size), float(z_loss), float(label_smoothing),
+                       None if logit_softcap is None else float(logit_softcap))
+    loss, metrics = _blockwise_cross_entropy(hidden_nd, kernel, targets_n, weights_n, options)
+    return loss, {name: lax.stop_gradient(value) for name, value in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The custom-VJP core on flat [N, d] inputs.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise_cross_entropy(hidden_nd, kernel_dv, targets_n, weights_n, options):
+    stats, _ = _statistics_pass(hidden_nd, kernel_dv, targets_n, options)
+    loss, metrics, _, _, _ = _finish(stats, targets_n, weights_n, kernel_dv.shape[1], options)
+    return loss, metrics
+
+
+def _blockwise_cross_entropy_fwd(hidden_nd, kernel_dv, targets_n, weights_n, options):
+    stats, last_logits_nc = _statistics_pass(hidden_nd, kernel_dv, targets_n, options)
+    loss, metrics, lse_n, ce_n, denominator = _finish(stats, targets_n, weights_n, kernel_dv.shape[1], options)
+    dhidden_nd, dkernel_dv = _gradient_pass(hidden_nd, kernel_dv, targets_n, weights_n / denominator, lse_n,
+                                            last_logits_nc, options)
+    # d/dw_n of sum(w * ce) / sum(w) = (ce_n - loss) / sum(w); with all weights 0 the loss is 0 and the denominator 1.
+    dweights_n = (ce_n - loss) / denominator
+    # dhidden stays fp32 until the cotangent is applied; the empty array only records hidden's dtype (residuals must
+    # be arrays).
+    return (loss, metrics), (dhidden_nd, dkernel_dv, dweights_n, jnp.zeros((0,), hidden_nd.dtype))
+
+
+def _blockwise_cross_entropy_bwd(options, residuals, cotangents):
+    del options
+    dhidden_nd, dkernel_dv, dweights_n, hidden_dtype_marker = residuals
+    g = cotangents[0]  # The metrics carry no gradient; their cotangents are dropped.
+    dhidden_nd = (g * dhidden_nd).astype(hidden_dtype_marker.dtype)
+    # Scale in the kernel dtype: an fp32 product would be a kernel-sized fp32 temporary when the kernel is bf16.
+    dkernel_dv = dkernel_dv * g.astype(dkernel_dv.dtype)
+    dtargets_n = np.zeros(dweights_n.shape, dtype=jax.dtypes.float0)
+    return dhidden_nd, dkernel_dv, dtargets_n, g * dweights_n
+
+
+_blockwise_cross_entropy.defvjp(_blockwise_cross_entropy_fwd, _blockwise_cross_entropy_bwd)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The two passes.
+
+
+def _bits(x):
+    """A 16-bit float array viewed as uint16 (free), other arrays unchanged.
+
+    XLA:CPU upcasts bf16 dynamic-slice / dynamic-update-slice to fp32, and then hoists a whole fp32 copy of the
+    kernel (and of the dkernel buffer) out of the loop. Slicing the bits instead keeps every copy block-sized.
+    """
+    if x.dtype.itemsize == 2:
+        return lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def _from_bits(x, dtype):
+    """Inverse of `_bits`."""
+    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+def _block_logits(hidden_nd, kernel_dc, options):
+    """`[N, C]` fp32 logits of one block (soft-capped if asked): matmul in hidden's dtype, fp32 accumulation."""
+    logits_nc = lax.dot_general(hidden_nd, kernel_dc.astype(hidden_nd.dtype), (((1,), (0,)), ((), ())),
+                                preferred_element_type=_F32)
+    if options.logit_softcap is not None:
+        logits_nc = options.logit_softcap * jnp.tanh(logits_nc / options.logit_softcap)
+    return logits_nc
+
+
+def _update_stats(stats: _Stats, logits_nc, start, targets_n) -> _Stats:
+    """Folds one block of logits (columns `start .. start + C - 1`) into the running statistics."""
+    columns_c = start + jnp.arange(logits_nc.shape[1], dtype=jnp.int32)
+    block_max_n = jnp.max(logits_nc, axis=1)
+    max_n = jnp.maximum(stats.max_n, block_max_n)
+    # Online logsumexp: rescale the old sum to the new max (exp(-inf) = 0 on the first block).
+    sumexp_n = (stats.sumexp_n * jnp.exp(stats.max_n - max_n)
+                + jnp.sum(jnp.exp(logits_nc - max_n[:, None]), axis=1))
+    is_target_nc = columns_c[None, :] == targets_n[:, None]
+    target_logit_n = stats.target_logit_n + jnp.sum(jnp.where(is_target_nc, logits_nc, 0.0), axis=1)
+    logit_sum_n = stats.logit_sum_n + jnp.sum(logits_nc, axis=1)  # Dead code (removed) without label smoothing.
+    # Strictly greater: on ties the earlier block, i.e. the lower column, wins, as in jnp.argmax over the full row.
+    block_argmax_n = start + jnp.argmax(logits_nc, axis=1).astype(jnp.int32)
+    argmax_n = jnp.where(block_max_n > stats.max_n, block_argmax_n, stats.argmax_n)
+    return _Stats(max_n, sumexp_n, target_logit_n, logit_sum_n, argmax_n)
+
+
+def _statistics_pass(hidden_nd, kernel_dv, targets_n, options):
+    """Runs the statistics over all blocks; returns them and the `[N, C]` logits of the last block processed."""
+    n = hidden_nd.shape[0]
+    vocab = kernel_dv.shape[1]
+    num_blocks, width, head_width = chunk_plan(vocab, options.chunk_size)
+    stats = _Stats(max_n=jnp.full((n,), -jnp.inf, _F32), sumexp_n=jnp.zeros((n,), _F32),
+                   target_logit_n=jnp.zeros((n,), _F32), logit_sum_n=jnp.zeros((n,), _F32),
+                   argmax_n=jnp.zeros((n,), jnp.int32))
+
+    kernel_bits_dv = _bits(kernel_dv)
+
+    def kernel_block(start, size):
+        return _from_bits(lax.dynamic_slice_in_dim(kernel_bits_dv, start, size, axis=1), kernel_dv.dtype)
+
+    # Head block [0, head_width).
+    logits_nc = _block_logits(hidden_nd, kernel_block(0, head_width), options)
+    stats = _update_stats(stats, logits_nc, 0, targets_n)
+
+    # Middle blocks: start = head_width + i * width for i < num_blocks - 2; never clamped by dynamic_slice.
+    if num_blocks > 2:
+        def body(stats, i):
+            start = head_width + i * width
+            logits_nc = _block_logits(hidden_nd, kernel_block(start, width), options)
+            return _update_stats(stats, logits_nc, start, targets_n), None
+
+        stats, _ = lax.scan(body, stats, jnp.arange(num_blocks - 2, dtype=jnp.int32))
+
+    # Last block [V - width, V); its logits are returned for the gradient pass.
+    if num_blocks > 1:
+        logits_nc = _block_logits(hidden_nd, kernel_block(vocab - width, width), options)
+        stats = _update_stats(stats, logits_nc, vocab - width, targets_n)
+    return stats, logits_nc
+
+
+def _finish(stats: _Stats, targets_n, weights_n, vocab, options):
+    """Loss, metrics and the per-token `lse_n`, `ce_n` from the final statistics; also the loss denominator."""
+    lse_n = stats.max_n + jnp.log(stats.sumexp_n)
+    eps = options.label_smoothing
+    # -sum_v q_v log p_v with q = (1 - eps) onehot + eps / V; since sum_v q_v = 1 this is lse - sum_v q_v logits_v.
+    ce_n = lse_n - (1.0 - eps) * stats.target_logit_n
+    if eps:
+        ce_n = ce_n - (eps / vocab) * stats.logit_sum_n
+    z_term_n = options.z_loss * jnp.square(lse_n)
+    if options.z_loss:
+        ce_n = ce_n + z_term_n
+    weight_sum = jnp.sum(weights_n)
+    # Denominator 1 for an all-ignored batch: every sum is then 0, so loss and gradients are 0, never NaN.
+    denominator = jnp.where(weight_sum > 0, weight_sum, 1.0)
+
+    def mean(x_n):
+        # where(), not w * x alone: an ignored token's value must not leak in even if it is inf (0 * inf = NaN).
+        return jnp.sum(jnp.where(weights_n != 0, weights_n * x_n, 0.0)) / denominator
+
+    loss = mean(ce_n)
+    metrics = {
+        "nll": mean(lse_n - stats.target_logit_n),
+        "z_loss": mean(z_term_n),
+        "log_z": mean(lse_n),
+        "accuracy": mean((stats.argmax_n == targets_n).astype(_F32)),
+        "weight_sum": weight_sum,
+    }
+    return loss, metrics, lse_n, ce_n, denominator
+
+
+def _gradient_pass(hidden_nd, kernel_dv, targets_n, scale_n, lse_n, last_logits_nc, options):
+    """Gradients of `sum_n scale_n * ce_n` w.r.t. hidden (`[N, d]` fp32) and kernel (`[d, V]`, kernel dtype).
+
+    `last_logits_nc` are the logits of the statistics pass's last block (the columns `[V - C, V)`), reused here.
+    """
+    vocab = kernel_dv.shape[1]
+    num_blocks, width, head_width = chunk_plan(vocab, options.chunk_size)
+    eps, softcap = options.label_smoothing, options.logit_softcap
+    matmul_dtype = hidden_nd.dtype
+    # d ce_n / d logits_nv = p_nv * (1 + 2 z lse_n) - (1 - eps) [v == y_n] - eps / V   (times tanh' with a soft-cap),
+    # with the loss weight folded into the per-token factors.
+    prob_scale_n = scale_n * (1.0 + 2.0 * options.z_loss * lse_n)
+    target_scale_n = scale_n * (1.0 - eps)
+    uniform_scale_n = scale_n * (eps / vocab)
+
+    def block_gradients(logits_nc, kernel_dc, start):
+        columns_c = start + jnp.arange(logits_nc.shape[1], dtype=jnp.int32)
+        is_target_nc = columns_c[None, :] == targets_n[:, None]
+        probs_nc = jnp.exp(logits_nc - lse_n[:, None])
+        dlogits_nc = probs_nc * prob_scale_n[:, None] - jnp.where(is_target_nc, target_scale_n[:, None], 0.0)
+        if eps:
+            dlogits_nc = dlogits_nc - uniform_scale_n[:, None]
+        if softcap is not None:
+            # logits = c tanh(raw / c)  =>  d logits / d raw = 1 - tanh^2 = 1 - (logits / c)^2.
+            dlogits_nc = dlogits_nc * (1.0 - jnp.square(logits_nc / softcap))
+        dlogits_nc = dlogits_nc.astype(matmul_dtype)  # The one cast, after all fp32 arithmetic.
+        dhidden_nd = lax.dot_general(dlogits_nc, kernel_dc.astype(matmul_dtype), (((1,), (1,)), ((), ())),
+                                     preferred_element_type=_F32)
+        dkernel_dc = lax.dot_general(hidden_nd, dlogits_nc, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=_F32).astype(kernel_dv.dtype)
+        return dhidden_nd, dkernel_dc
+
+    kernel_bits_dv = _bits(kernel_dv)
+
+    def kernel_block(start, size):
+        return _from_bits(lax.dynamic_slice_in_dim(kernel_bits_dv, start, size, axis=1), kernel_dv.dtype)
+
+    def write_block(dkernel_bits_dv, dkernel_dc, start):
+        return lax.dynamic_update_slice_in_dim(dkernel_bits_dv, _bits(dkernel_dc), start, axis=1)
+
+    # Every column block of dkernel is written exactly once, in place: no kernel-sized fp32 accumulator.
+    dkernel_bits_dv = jnp.zeros(kernel_dv.shape, kernel_bits_dv.dtype)
+
+    # The last block first, from the logits still at hand (no recomputation).
+    last_start = vocab - last_logits_nc.shape[1]
+    dhidden_nd, dkernel_dc = block_gradients(last_logits_nc, kernel_block(last_start, last_logits_nc.shape[1]),
+                                             last_start)
+    dkernel_bits_dv = write_block(dkernel_bits_dv, dkernel_dc, last_start)
+
+    if num_blocks > 1:
+        kernel_dc = kernel_block(0, head_width)
+        dhidden_head_nd, dkernel_dc = block_gradients(_block_logits(hidden_nd, kernel_dc, options), kernel_dc, 0)
+        dhidden_nd = dhidden_nd + dhidden_head_nd
+        dkernel_bits_dv = write_block(dkernel_bits_dv, dkernel_dc, 0)
+
+    if num_blocks > 2:
+        def body(carry, i):
+            dhidden_nd, dkernel_bits_dv = carry
+            start = head_width + i * width
+            kernel_dc = kernel_block(start, width)
+            dhidden_block_nd, dkernel_dc = block_gradients(_block_logits(hidden_nd, kernel_dc, options), kernel_dc,
+                                                           start)
+            return (dhidden_nd + dhidden_block_nd, write_block(dkernel_bits_dv, dkernel_dc, start)), None
+
+        (dhidden_nd, dkernel_bits_dv), _ = lax.scan(body, (dhidden_nd, dkernel_bits_dv),
+                                                    jnp.arange(num_blocks - 2, dtype=jnp.int32))
+    return dhidden_nd, _from_bits(dkernel_bits_dv, kernel_dv.dtype)

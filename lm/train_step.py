@@ -1,0 +1,213 @@
+"""The train state and the sharded, jitted train step.
+
+    batch ─▶ [micro-batches, lax.scan] ─▶ model.apply ─▶ hidden_btd ─▶ lm.loss.cross_entropy(hidden, LM head)
+          ─▶ grads (constrained to the ZeRO-stage sharding) ─▶ optax update ─▶ new state (skipped if not finite)
+
+`make_train_step` returns `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)` whose shardings come from
+`lm.sharding.Shardings`; XLA's partitioner turns them into the collectives of the chosen ZeRO stage.
+
+A batch is a dict of `[batch, length]` arrays: `inputs`, `targets` (int32), and optionally `weights` (float32, 0 on
+padding), `segment_ids` and `positions` (int32) for packed rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lm import config as lm_config
+from lm import loss as loss_lib
+from lm import model as model_lib
+from lm import optim
+from lm import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step updates, as one pytree orbax can save: step counter, parameters, optimizer state."""
+
+    step: jax.Array  # int32 scalar: number of steps taken (skipped ones included).
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What a config needs before the first step: mesh, model, optimizer and every sharding."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model: model_lib.Transformer
+    optimizer: optax.GradientTransformation
+    shardings: sharding_lib.Shardings
+
+    def init_state(self) -> TrainState:
+        return init_train_state(self.config, self.model, self.optimizer, self.shardings,
+                                jax.random.key(self.config.seed))
+
+    def abstract_state(self) -> TrainState:
+        """`ShapeDtypeStruct`s of the train state with their shardings (no allocation): the restore target."""
+        shapes = jax.eval_shape(self.init_state)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, state_shardings(self.shardings))
+
+    def train_step(self):
+        return make_train_step(self.config, self.model, self.optimizer, self.shardings)
+
+    def eval_step(self):
+        return make_eval_step(self.config, self.model, self.shardings)
+
+
+def build(config: ml_collections.ConfigDict, devices=None) -> Training:
+    """Validates `config` against the devices (clear errors before any compile) and builds its `Training`."""
+    lm_config.validate(config)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    sharding_lib.check_divisibility(config, mesh)
+    model = model_lib.build(config)
+    optimizer = optim.make_optimizer(config)
+    boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(config.seed)))
+    return Training(config, mesh, model, optimizer, sharding_lib.Shardings(config, mesh, boxed_params, optimizer))
+
+
+def state_shardings(shardings: sharding_lib.Shardings) -> TrainState:
+    return TrainState(step=shardings.replicated, params=shardings.params, opt_state=shardings.opt_state)
+
+
+def init_train_state(config, model, optimizer, shardings: sharding_lib.Shardings, rng: jax.Array) -> TrainState:
+    """Initialises parameters and optimizer state directly in their shardings (no full copy on one device)."""
+
+    def init(rng):
+        params = nn.unbox(model_lib.init(model, rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    return jax.jit(init, out_shardings=state_shardings(shardings))(rng)
+
+
+def loss_fn(params, batch: dict[str, jax.Array], model: model_lib.Transformer, config: ml_collections.ConfigDict):
+    """Chunked cross-entropy of the model on a batch: `(loss, aux)` as `lm.loss.cross_entropy` returns them."""
+
+    def hidden_and_head(module: model_lib.Transformer):
+        hidden_btd = module(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        return hidden_btd, module.output_kernel()
+
+    hidden_btd, kernel_dv = model.apply({"params": params}, method=hidden_and_head)
+    c = config.loss
+    return loss_lib.cross_entropy(
+        hidden_btd, kernel_dv, batch["targets"], batch.get("weights"), chunk_size=c.chunk_size, z_loss=c.z_loss,
+        label_smoothing=c.label_smoothing, logit_softcap=c.logit_softcap)
+
+
+def _split_microbatches(batch, microbatches: int, batch_sharding: NamedSharding):
+    """`[B, L]` -> `[M, B/M, L]` with row `i*M + j` in micro-batch j, so each device's rows stay on that device."""
+
+    def split(x_bl):
+        x_kml = x_bl.reshape(x_bl.shape[0] // microbatches, microbatches, *x_bl.shape[1:])
+        x_mkl = jnp.swapaxes(x_kml, 0, 1)
+        spec = P(None, *batch_sharding.spec)
+        return jax.lax.with_sharding_constraint(x_mkl, NamedSharding(batch_sharding.mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def _loss_and_grads(params, batch, model, config, shardings: sharding_lib.Shardings):
+    """Loss, aux and gradients of the global batch; with `config.optim.microbatches` > 1 accumulated in fp32 over
+    sequential micro-batches, each weighted by its token count, so the result equals one pass over the whole batch.
+    """
+    microbatches = config.optim.microbatches
+    constrain = lambda tree: jax.lax.with_sharding_constraint(tree, shardings.grads)
+    if microbatches == 1:
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, model, config)
+        return loss, aux, constrain(grads)
+
+    def token_sum_loss(p, micro_batch):
+        loss, aux = loss_fn(p, micro_batch, model, config)
+        return loss * aux["weight_sum"], aux
+
+    def accumulate(carry, micro_batch):
+        grads_acc, loss_acc, aux_acc = carry
+        (loss_sum, aux), grads = jax.value_and_grad(token_sum_loss, has_aux=True)(params, micro_batch)
+        grads_acc = constrain(jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grads_acc, grads))
+        # Means become token-weighted sums; the weight sum itself is summed.
+        aux_acc = {k: aux_acc[k] + (v if k == "weight_sum" else v * aux["weight_sum"]) for k, v in aux.items()}
+        return (grads_acc, loss_acc + loss_sum, aux_acc), None
+
+    micro = _split_microbatches(batch, microbatches, shardings.batch)
+    aux_shapes = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), model, config)[1])
+    init = (constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+    (grads, loss_sum, aux_sums), _ = jax.lax.scan(accumulate, init, micro)
+    weight_sum = aux_sums["weight_sum"]
+    denominator = jnp.where(weight_sum > 0, weight_sum, 1.0)  # All tokens ignored: loss and gradients are 0.
+    aux = {k: v if k == "weight_sum" else v / denominator for k, v in aux_sums.items()}
+    grads = constrain(jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params))
+    return loss_sum / denominator, aux, grads
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: model_lib.Transformer,
+    optimizer: optax.GradientTransformation,
+    shardings: sharding_lib.Shardings,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
+
+    Metrics (fp32 scalars): `loss` (the training objective, z-loss included), `nll`, `z_loss`, `accuracy`,
+    `grad_norm` (before clipping), `learning_rate` (of this step), `tokens` (weight sum) and `skipped` (1 when the
+    loss or gradient norm was not finite and the update was dropped: parameters and optimizer state unchanged).
+    """
+    schedule = optim.learning_rate_schedule(config)
+
+    def step(state: TrainState, batch):
+        with shardings.activation_rules():
+            loss, aux, grads = _loss_and_grads(state.params, batch, model, config, shardings)
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_new = lambda new, old: jnp.where(finite, new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=jax.tree.map(keep_new, new_params, state.params),
+            opt_state=jax.tree.map(keep_new, new_opt_state, state.opt_state),
+        )
+        metrics = {
+            "loss": loss,
+            "nll": aux["nll"],
+            "z_loss": aux["z_loss"],
+            "accuracy": aux["accuracy"],
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "tokens": aux["weight_sum"],
+            "skipped": 1.0 - finite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    state_sharding = state_shardings(shardings)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, shardings.batch),
+        out_shardings=(state_sharding, shardings.replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: model_lib.Transformer, shardings: sharding_lib.Shardings):
+    """The jitted `eval_step(params, batch) -> sums`: token-weighted sums of the negative log-likelihood (no z-loss,
+    no smoothing), correct predictions and weights, to be added over batches (padding has weight 0)."""
+
+    def step(params, batch):
+        with shardings.activation_rules():
+            _, aux = loss_fn(params, batch, model, config)
+        return {"nll_sum": aux["nll"] * aux["weight_sum"], "correct_sum": aux["accuracy"] * aux["weight_sum"],
+                "weight_sum": aux["weight_sum"]}
+
+    return jax.jit(step, in_shardings=(shardings.params, shardings.batch), out_shardings=shardings.replicated)
