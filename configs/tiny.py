@@ -10,7 +10,7 @@ def get_config():
     c.model.num_layers = 4
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
-    c.model.mlp_dim = 768
+    c.model.mlp_dim = 512
     c.model.max_seq_len = 256
     c.model.dtype = "float32"  # CPUs have no fast bf16 matmul.
     c.model.remat_policy = "none"
@@ -21,9 +21,9 @@ def get_config():
     c.loss.chunk_size = 1024
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 50
-    c.total_steps = 600
+    c.total_steps = 900
     c.log_every = 10
-    c.eval_every = 200
+    c.eval_every = 300
     c.eval_steps = 10
-    c.checkpoint_every = 200
+    c.checkpoint_every = 300
     return c
