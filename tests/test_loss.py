@@ -1,0 +1,143 @@
+"""The blockwise cross-entropy against a full-logits fp32 reference: values, gradients, options, sharding, memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lm import loss as loss_lib
+
+
+def reference(hidden, kernel, targets, weights=None, z_loss=0.0, label_smoothing=0.0, logit_softcap=None):
+    """Full `[N, V]` logits at HIGHEST precision: the definition the blockwise loss must equal."""
+    logits = jnp.einsum("nd,dv->nv", hidden.astype(jnp.float32), kernel.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    vocab = logits.shape[-1]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - lse[:, None]
+    labels = (1 - label_smoothing) * jax.nn.one_hot(targets, vocab) + label_smoothing / vocab
+    per_token = -jnp.sum(labels * log_probs, axis=-1) + z_loss * lse ** 2
+    weights = jnp.ones(targets.shape) if weights is None else weights
+    return jnp.sum(weights * per_token) / jnp.maximum(jnp.sum(weights), 1e-30) * (jnp.sum(weights) > 0)
+
+
+def inputs(n, v, d, dtype=jnp.float32, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    hidden = jax.random.normal(k1, (n, d), jnp.float32).astype(dtype)
+    kernel = (jax.random.normal(k2, (d, v), jnp.float32) / np.sqrt(d)).astype(dtype)
+    targets = jax.random.randint(k3, (n,), 0, v)
+    return hidden, kernel, targets
+
+
+def value_and_grads(fn, hidden, kernel, targets, weights=None, **options):
+    return jax.jit(jax.value_and_grad(lambda h, k: fn(h, k, targets, weights, **options), argnums=(0, 1)))(
+        hidden, kernel)
+
+
+def chunked(hidden, kernel, targets, weights=None, chunk_size=100, **options):
+    return loss_lib.cross_entropy(hidden, kernel, targets, weights, chunk_size=chunk_size, **options)[0]
+
+
+def assert_matches(got, want, rtol):
+    (loss, (dh, dk)), (ref_loss, (ref_dh, ref_dk)) = got, want
+    np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+    for a, b in ((dh, ref_dh), (dk, ref_dk)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("chunk_size", [1, 100, 512, 4096])
+@pytest.mark.parametrize("n,v,d", [(256, 512, 128), (252, 507, 128), (252, 507, 123)])
+def test_fp32_matches_full_logits_reference(n, v, d, chunk_size):
+    hidden, kernel, targets = inputs(n, v, d)
+    got = value_and_grads(chunked, hidden, kernel, targets, chunk_size=chunk_size)
+    assert_matches(got, value_and_grads(reference, hidden, kernel, targets), rtol=1e-5)
+
+
+def test_bf16_inputs_within_bf16_tolerance():
+    hidden, kernel, targets = inputs(252, 507, 128, jnp.bfloat16)
+    got = value_and_grads(chunked, hidden, kernel, targets, chunk_size=100)
+    assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.bfloat16
+    assert_matches(got, value_and_grads(reference, hidden, kernel, targets), rtol=2e-2)
+
+
+def test_ignored_tokens_and_cotangent_scaling():
+    hidden, kernel, targets = inputs(252, 507, 64)
+    weights = (jax.random.uniform(jax.random.key(7), (252,)) > 0.2).astype(jnp.float32)
+    got = value_and_grads(chunked, hidden, kernel, targets, weights)
+    assert_matches(got, value_and_grads(reference, hidden, kernel, targets, weights), rtol=1e-5)
+    scaled = jax.jit(jax.grad(lambda h, k: 3.0 * chunked(h, k, targets, weights), argnums=(0, 1)))(hidden, kernel)
+    np.testing.assert_allclose(scaled[1], 3.0 * np.asarray(got[1][1]), rtol=1e-5, atol=1e-7)
+
+
+def test_all_ignored_batch_gives_zero_loss_and_gradients():
+    hidden, kernel, targets = inputs(64, 100, 32)
+    loss, (dh, dk) = value_and_grads(chunked, hidden, kernel, targets, jnp.zeros(64))
+    assert float(loss) == 0.0 and not np.any(dh) and not np.any(dk)
+
+
+@pytest.mark.parametrize("options", [dict(z_loss=1e-2), dict(label_smoothing=0.1), dict(logit_softcap=2.0)],
+                         ids=["z_loss", "label_smoothing", "softcap"])
+def test_options_match_their_reference_formula_and_gradient(options):
+    hidden, kernel, targets = inputs(252, 507, 64)
+    got = value_and_grads(chunked, hidden, kernel, targets, **options)
+    assert_matches(got, value_and_grads(reference, hidden, kernel, targets, **options), rtol=1e-5)
+
+
+def test_confident_bf16_predictions_keep_accurate_gradients():
+    # Orthonormal kernel columns and hidden states along the target's column: target logit 12, others 0, so
+    # p(target) = e^12 / (e^12 + 49) > 0.999 and dlogits = p - onehot is tiny everywhere.
+    columns, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(64, 50)))
+    targets = jnp.asarray(np.random.default_rng(1).integers(0, 50, 128))
+    kernel = jnp.asarray(columns, jnp.bfloat16)
+    hidden = (12.0 * jnp.take(kernel.T.astype(jnp.float32), targets, axis=0)).astype(jnp.bfloat16)
+    logits = jnp.einsum("nd,dv->nv", hidden.astype(jnp.float32), kernel.astype(jnp.float32))
+    assert float(jnp.min(jax.nn.softmax(logits)[jnp.arange(128), targets])) >= 0.999
+    got = value_and_grads(chunked, hidden, kernel, targets, chunk_size=16)
+    want = value_and_grads(reference, hidden, kernel, targets)
+    for a, b in zip(got[1], want[1]):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2 * np.abs(b).max())
+
+
+def test_aux_metrics():
+    hidden, kernel, targets = inputs(100, 50, 16)
+    _, aux = loss_lib.cross_entropy(hidden, kernel, targets, chunk_size=7)
+    logits = hidden @ kernel
+    np.testing.assert_allclose(aux["accuracy"], np.mean(np.argmax(logits, -1) == targets), rtol=1e-6)
+    np.testing.assert_allclose(aux["log_z"], np.mean(jax.nn.logsumexp(logits, -1)), rtol=1e-5)
+    assert float(aux["weight_sum"]) == 100.0
+
+
+@pytest.mark.parametrize("kernel_spec", [P(None, "x"), P("x", None)], ids=["vocab_sharded", "embed_sharded"])
+def test_sharded_inputs_on_8_devices_equal_one_device(kernel_spec):
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    hidden, kernel, targets = inputs(256, 512, 128)
+    want = value_and_grads(chunked, hidden, kernel, targets)
+    hidden_s = jax.device_put(hidden, NamedSharding(mesh, P("x", None)))
+    kernel_s = jax.device_put(kernel, NamedSharding(mesh, kernel_spec))
+    targets_s = jax.device_put(targets, NamedSharding(mesh, P("x")))
+    got = value_and_grads(chunked, hidden_s, kernel_s, targets_s)
+    assert_matches(got, want, rtol=1e-5)
+
+
+def temp_bytes(n, d, v, chunk_size, dtype=jnp.float32):
+    hidden = jax.ShapeDtypeStruct((n, d), dtype)
+    kernel = jax.ShapeDtypeStruct((d, v), dtype)
+    targets = jax.ShapeDtypeStruct((n,), jnp.int32)
+    fn = jax.value_and_grad(lambda h, k, t: chunked(h, k, t, chunk_size=chunk_size), argnums=(0, 1))
+    return jax.jit(fn).lower(hidden, kernel, targets).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_at_256k_vocabulary_stays_under_256_mb():
+    assert temp_bytes(8192, 2304, 256_000, 1024) <= 256e6
+
+
+def test_temporaries_grow_with_chunk_size_not_vocabulary():
+    small_vocab = temp_bytes(1024, 256, 16_384, 512)
+    large_vocab = temp_bytes(1024, 256, 65_536, 512)
+    assert large_vocab <= 1.1 * small_vocab + 1e6
+    assert temp_bytes(1024, 256, 65_536, 4096) > 2 * large_vocab
