@@ -141,3 +141,108 @@ def test_temporaries_grow_with_chunk_size_not_vocabulary():
     large_vocab = temp_bytes(1024, 256, 65_536, 512)
     assert large_vocab <= 1.1 * small_vocab + 1e6
     assert temp_bytes(1024, 256, 65_536, 4096) > 2 * large_vocab
+
+
+def test_bf16_memory_on_cpu_stays_under_2_5_gb():
+    # XLA:CPU materialises one uint16 view of the bf16 kernel (1.18 GB here, see lm.loss._bits); the rest is
+    # block-sized. Naive: 19,137 MB.
+    assert temp_bytes(8192, 2304, 256_000, 1024, jnp.bfloat16) <= 2.5e9
+
+
+def test_no_tokens_by_vocabulary_array_in_the_compiled_program():
+    n, v, d = 252, 507, 123
+    hidden, kernel, targets = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+                               jax.ShapeDtypeStruct((n,), jnp.int32))
+    fn = jax.value_and_grad(lambda h, k, t: chunked(h, k, t, chunk_size=100), argnums=(0, 1))
+    hlo = jax.jit(fn).lower(hidden, kernel, targets).compile().as_text()
+    assert f"[{n},{v}]" not in hlo and f"[{v},{n}]" not in hlo
+    _, width, head_width = loss_lib.chunk_plan(v, 100)  # 6 blocks: one of 82 columns, five of 85.
+    assert f"[{n},{width}]" in hlo and f"[{n},{head_width}]" in hlo
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 100, 507, 512, 50_257, 256_000])
+@pytest.mark.parametrize("chunk_size", [1, 3, 100, 512, 4096, 1 << 20])
+def test_blocks_tile_the_vocabulary_exactly(vocab, chunk_size):
+    num_blocks, width, head_width = loss_lib.chunk_plan(vocab, chunk_size)
+    assert 1 <= head_width <= width <= chunk_size
+    assert head_width + (num_blocks - 1) * width == vocab
+    assert num_blocks == -(-vocab // chunk_size)
+
+
+def test_result_is_independent_of_chunk_size():
+    hidden, kernel, targets = inputs(100, 507, 32)
+    results = [value_and_grads(chunked, hidden, kernel, targets, chunk_size=c) for c in (1, 7, 128, 506, 507, 10_000)]
+    for got in results[1:]:
+        assert_matches(got, results[0], rtol=2e-6)
+
+
+def test_leading_batch_axes_and_fractional_weights_with_weight_gradient():
+    hidden, kernel, targets = inputs(4 * 63, 101, 32)
+    weights = jax.random.uniform(jax.random.key(3), (4 * 63,)) * (jax.random.uniform(jax.random.key(4), (252,)) > 0.2)
+    fns = {"chunked": lambda h, k, w: chunked(h.reshape(4, 63, 32), k, targets.reshape(4, 63), w.reshape(4, 63),
+                                              chunk_size=30),
+           "reference": lambda h, k, w: reference(h, k, targets, w)}
+    got, want = (jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(hidden, kernel, weights) for fn in fns.values())
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_all_options_together_with_ignored_tokens():
+    hidden, kernel, targets = inputs(252, 507, 64)
+    weights = (jax.random.uniform(jax.random.key(7), (252,)) > 0.2).astype(jnp.float32)
+    options = dict(z_loss=1e-3, label_smoothing=0.2, logit_softcap=3.0)
+    got = value_and_grads(chunked, hidden, kernel, targets, weights, chunk_size=64, **options)
+    assert_matches(got, value_and_grads(reference, hidden, kernel, targets, weights, **options), rtol=1e-5)
+
+
+def test_bf16_hidden_with_fp32_kernel_computes_in_bf16_and_returns_fp32_kernel_gradient():
+    hidden, kernel, targets = inputs(252, 507, 128)
+    hidden = hidden.astype(jnp.bfloat16)
+    loss, (dh, dk) = value_and_grads(chunked, hidden, kernel, targets)
+    assert dh.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+    assert_matches((loss, (dh, dk)), value_and_grads(reference, hidden, kernel.astype(jnp.bfloat16), targets),
+                   rtol=2e-2)
+
+
+def test_forward_only_metrics_without_gradient():
+    hidden, kernel, targets = inputs(252, 507, 64)
+    weights = (jax.random.uniform(jax.random.key(7), (252,)) > 0.2).astype(jnp.float32)
+    fn = jax.jit(lambda h, k: loss_lib.cross_entropy(h, k, targets, weights, chunk_size=100, z_loss=1e-2))
+    loss, aux = fn(hidden, kernel)
+    logits = np.asarray(hidden, np.float64) @ np.asarray(kernel, np.float64)
+    lse = np.log(np.sum(np.exp(logits), -1))
+    w = np.asarray(weights, np.float64)
+    nll = lse - logits[np.arange(252), targets]
+    np.testing.assert_allclose(aux["nll"], np.sum(w * nll) / w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(aux["z_loss"], 1e-2 * np.sum(w * lse ** 2) / w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(loss, aux["nll"] + aux["z_loss"], rtol=1e-6)
+    np.testing.assert_allclose(aux["log_z"], np.sum(w * lse) / w.sum(), rtol=1e-5)
+    assert float(aux["weight_sum"]) == float(w.sum())
+
+
+def test_accuracy_counts_tokens_whose_target_is_the_argmax():
+    hidden, kernel, _ = inputs(100, 50, 16)
+    argmax = jnp.argmax(hidden @ kernel, -1)
+    targets = jnp.where(jnp.arange(100) < 30, argmax, (argmax + 1) % 50)  # Exactly 30% right.
+    weights = jnp.where(jnp.arange(100) < 10, 0.0, 1.0)  # 20 of the 90 counted tokens are right.
+    _, aux = loss_lib.cross_entropy(hidden, kernel, targets, weights, chunk_size=7)
+    np.testing.assert_allclose(aux["accuracy"], 20 / 90, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(kernel=jnp.zeros((8, 10))), "same d"),
+    (dict(targets=jnp.zeros((5,), jnp.int32)), "targets must have shape"),
+    (dict(targets=jnp.zeros((4,), jnp.float32)), "integers"),
+    (dict(weights=jnp.ones((5,))), "weights must have the shape"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(logit_softcap=0.0), "logit_softcap"),
+])
+def test_bad_arguments_raise_naming_the_argument(bad, match):
+    args = dict(hidden=jnp.zeros((4, 16)), kernel=jnp.zeros((16, 10)), targets=jnp.zeros((4,), jnp.int32),
+                weights=None, chunk_size=4)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        loss_lib.cross_entropy(args.pop("hidden"), args.pop("kernel"), args.pop("targets"), args.pop("weights"),
+                               **args)

@@ -122,9 +122,14 @@ def test_sigkill_then_restart_resumes_bitwise(tmp_path, cache_dir, reference_run
 def test_kill_during_async_save_never_restores_a_partial_checkpoint(tmp_path, cache_dir, reference_run):
     workdir = str(tmp_path / "killed_while_saving")
     first = run(workdir, cache_dir, "--debug_kill_after_save_step=8", check=False)
-    assert first.returncode == -signal.SIGKILL
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    # Only finalized step directories count; step 8 may be complete or a leftover temporary directory.
+    complete = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
     result = run(workdir, cache_dir)
-    assert "resumed from step" in result.stdout
+    if complete:
+        assert f"resumed from step {max(complete)}" in result.stdout
+    else:  # Under heavy load even step 4 may still have been in flight: the restart then begins afresh.
+        assert "resumed from step" not in result.stdout
     assert_same_run(workdir, reference_run)
 
 
