@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.chunk_size = 8192  # Vocabulary columns per step of the blockwise cross-entropy scan.
+    c.loss.chunk_size = 4096  # Vocabulary columns per step of the blockwise cross-entropy scan.
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient: z_loss * logsumexp^2.
     c.loss.label_smoothing = 0.0
     c.loss.logit_softcap = config_dict.placeholder(float)  # None: no soft-cap; c: c * tanh(logits / c).

@@ -1,63 +1,65 @@
-"""Blockwise cross-entropy: the LM head and the loss in one pass over vocabulary chunks.
+"""Blockwise cross-entropy: the LM head and the loss, computed together over vocabulary chunks.
 
 `cross_entropy(hidden, kernel, targets, ...)` computes `softmax_cross_entropy(hidden @ kernel, targets)` without a
 `[tokens, vocab]` array ever existing, forward or backward. A 256k vocabulary with 8k tokens would need 8.4 GB for
-the fp32 logits alone; here the largest temporaries are a few `[tokens, chunk]` blocks.
+the fp32 logits alone; here the largest temporaries are a few `[tokens, chunk]` blocks, whatever the vocabulary.
 
 Algorithm
 ---------
-The vocabulary is cut into `ceil(V / chunk_size)` column blocks of (almost) equal width `C <= chunk_size`: a first
-"head" block of width `V - (n - 1) * C` (1 <= head <= C) followed by `n - 1` blocks of width `C`. Every block has a
-static width and a start that never passes `V - C`, so `lax.dynamic_slice` never clamps and no column is read twice,
-and the kernel is never padded or copied. For `V = 50257, chunk_size = 4096` that is 13 blocks: one of 3865 and
-twelve of 3866 columns.
+The vocabulary is cut into `n = ceil(V / chunk_size)` column blocks of (almost) equal width `C <= chunk_size`: a
+"head" block of `V - (n - 1) * C` columns (1 <= head <= C), then `n - 1` blocks of `C` (`chunk_plan`). Every block
+has a static width and a start of at most `V - C`, so `lax.dynamic_slice` never clamps (no column is read twice or
+skipped), nothing is masked, and the kernel is never padded or copied. `V = 50257, chunk_size = 4096`: 13 blocks,
+one of 3865 columns and twelve of 3866. `chunk_size >= V` is one block.
 
 1. Statistics pass (the forward): for each block, `logits_nc = hidden_nd @ kernel_dc` (matmul in the input dtype,
-   fp32 accumulation), then, in fp32, the online logsumexp (running max `m` and sum of `exp(logits - m)`, rescaled when
-   the max grows), the target logit (picked by comparing column ids with the targets: no gather), the running argmax
-   (for accuracy) and, with label smoothing, the sum of the logits. The head block runs first, the middle blocks in a
-   `lax.scan`, the last block last.
+   fp32 accumulation), then in fp32 the online logsumexp (running max `m` and sum of `exp(logits - m)`, the sum
+   rescaled when the max grows), the target logit (one element per row taken from the block that holds it) and, with
+   label smoothing, the sum of the logits. The head block runs first, the middle blocks in a `lax.scan`, the last
+   block last. The token accuracy falls out of the running max: the target is the argmax iff its logit equals it.
 2. Gradient pass (only under differentiation): with the final log-partition `lse_n` known, each block's logits are
-   computed again and turned into `dlogits_nc = dloss/dlogits` (fp32, cast once to the matmul dtype), which feed
+   formed again and turned into `dlogits_nc` (fp32, cast once to the matmul dtype), which feed
    `dhidden_nd += dlogits_nc @ kernel_dc.T` (accumulated in fp32 across blocks) and
-   `dkernel[:, block] = hidden_nd.T @ dlogits_nc` (one fp32-accumulated matmul per block, written once in place into
-   a kernel-shaped buffer, so no fp32 copy of the kernel is needed when the kernel is bf16).
+   `dkernel[:, block] = hidden_nd.T @ dlogits_nc` (one fp32-accumulated matmul per block, written once, in place, into
+   a kernel-shaped buffer of the kernel dtype; no kernel-sized fp32 accumulator is needed because no block of
+   `dkernel` is ever accumulated).
 
 Where the gradient is computed: in the forward rule
 --------------------------------------------------
-`jax.custom_vjp` lets the backward either recompute every block from `hidden`, `kernel` and the saved log-partition, or
-compute the gradients already in the forward rule and save only the finished gradients as residuals. We do the
-latter. Both cost the same for the middle blocks: an exact gradient of the kernel needs every row's final normaliser
-`exp(-lse_n)` before any block of `dkernel` can be formed (the per-row factor cannot be pulled out of `hidden.T @ P`),
-so each block's logits must be computed twice, once before and once after `lse` is known. But computing the gradient
-in the forward rule means the last block of the statistics pass is still in hand when the gradient pass starts, so
-it is not recomputed: the total is `3 + (n - 1) / n` matmuls of `[N, D] x [D, V]` size instead of 4, and exactly the
-3 of the naive version when one block covers the vocabulary. Nothing is stored across the forward/backward boundary
-but the gradients themselves (`[N, D]` fp32, kernel-shaped in the kernel dtype, `[N]` for the weights); the backward
-rule only multiplies them by the incoming cotangent. The primal (evaluation, no gradient) path runs the statistics
-pass alone. The price: under `jax.checkpoint` the forward rule is replayed, so keep the loss outside rematerialised
-regions (the model's scanned layers are remat'ed, the loss after them is not).
+`jax.custom_vjp` allows two designs: the backward recomputes every block from `hidden`, `kernel` and the saved
+log-partition, or the forward rule computes the gradients and saves only them as residuals. We do the latter.
+Neither avoids computing the logits twice: an exact `dkernel` block needs every row's final normaliser `exp(-lse_n)`
+(a per-row factor that cannot be pulled out of `hidden.T @ probs`), so each block's logits are needed once before
+`lse` is known and once after; only storing them, `[N, V]`, would avoid that. (`dhidden` alone could be streamed with
+flash-attention-style rescaling, but that moves a matmul rather than saving one.) What the forward rule does save:
+the last block of the statistics pass is still in hand when the gradient pass starts, so it is not recomputed. The
+cost is `3 + (n - 1) / n` matmuls of the naive `[N, D] x [D, V]` size instead of 4, and exactly the naive's 3 when one
+block covers the vocabulary. The backward rule only scales the saved gradients (`[N, D]` fp32, kernel-shaped in the
+kernel dtype, `[N]` for the weights) by the incoming cotangent; nothing else crosses the forward/backward boundary.
+The primal (evaluation) path runs the statistics pass alone. The price: under `jax.checkpoint` the forward rule is
+replayed in the backward pass, so keep the loss outside rematerialised regions (the model remats its layers, not the
+loss after them).
 
 Numerics
 --------
 Matmuls run in `hidden.dtype` (the model's compute dtype; a kernel of another dtype is cast block by block, as Flax's
 `Dense(dtype=...)` does) with `preferred_element_type=float32`. The softmax statistics, `dlogits` and the `dhidden`
-accumulator are fp32; `probs = exp(logits - lse)` and `probs - onehot` are formed in fp32, so confident predictions
-(p -> 1) keep their small gradients in bf16. Each column block of `dkernel` is the result of a single matmul with fp32
-accumulation, then cast to the kernel dtype once.
+accumulator are fp32: `probs - onehot` is formed in fp32 from fp32 logits, so confident predictions (p -> 1) keep
+their small gradients in bf16. Each column block of `dkernel` is a single matmul with fp32 accumulation, cast to the
+kernel dtype once.
 
 Sharding
 --------
-Everything is `jax.jit`-compatible with sharded inputs (hidden over the batch axes, kernel over `vocab` or `embed`):
-the results equal the single-device results. With the kernel sharded over `vocab` the compiler gathers each block
-it slices, so tensor-parallel vocabularies trade communication for memory here.
+Everything works under `jax.jit` with sharded inputs (hidden over the batch axes, kernel over `vocab` or `embed`) and
+gives the single-device results. With the kernel sharded over `vocab`, the compiler gathers each block it slices, so
+a tensor-parallel vocabulary trades communication for memory here (a shard_map version that keeps blocks local and
+all-reduces the `[N]` statistics would avoid it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -116,13 +118,14 @@ def cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weig
         bytes per fp32 block array), the number of sequential steps shrinks with it.
       z_loss: PaLM's auxiliary `z_loss * logsumexp(logits)^2` per token, added to the loss.
       label_smoothing: eps; the target distribution is `(1 - eps) * onehot(target) + eps / V` (optax.smooth_labels).
-      logit_softcap: c; if set, logits are `c * tanh(raw / c)` before everything else (softmax, z-loss, argmax).
+      logit_softcap: c; if set, logits are `c * tanh(raw / c)` before everything else (softmax, z-loss, accuracy).
 
     Returns:
       `(loss, aux)`: `loss` is the fp32 scalar `sum(w * (ce + z_loss * lse^2)) / sum(w)`, 0 when `sum(w) == 0` (then
       all gradients are 0 as well). `aux` holds fp32 scalars, weighted means over the counted tokens unless noted:
       `nll` (unsmoothed -log p(target): log-perplexity), `z_loss` (the z-loss term), `log_z` (log-partition `lse`),
-      `accuracy` (argmax == target), `weight_sum` (sum of weights, a sum). `aux` carries no gradient.
+      `accuracy` (argmax == target; a tie for the max counts as correct), `weight_sum` (sum of weights, a sum).
+      `aux` carries no gradient.
 
     Gradients flow to `hidden`, `kernel` and `weights` (exact, including z-loss, smoothing and soft-cap terms), not to
     `targets`.
@@ -171,13 +174,13 @@ def cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weig
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _blockwise_cross_entropy(hidden_nd, kernel_dv, targets_n, weights_n, options):
     stats, _ = _statistics_pass(hidden_nd, kernel_dv, targets_n, options)
-    loss, metrics, _, _, _ = _finish(stats, targets_n, weights_n, kernel_dv.shape[1], options)
+    loss, metrics, _, _, _ = _finish(stats, weights_n, kernel_dv.shape[1], options)
     return loss, metrics
 
 
 def _blockwise_cross_entropy_fwd(hidden_nd, kernel_dv, targets_n, weights_n, options):
     stats, last_logits_nc = _statistics_pass(hidden_nd, kernel_dv, targets_n, options)
-    loss, metrics, lse_n, ce_n, denominator = _finish(stats, targets_n, weights_n, kernel_dv.shape[1], options)
+    loss, metrics, lse_n, ce_n, denominator = _finish(stats, weights_n, kernel_dv.shape[1], options)
     dhidden_nd, dkernel_dv = _gradient_pass(hidden_nd, kernel_dv, targets_n, weights_n / denominator, lse_n,
                                             last_logits_nc, options)
     # d/dw_n of sum(w * ce) / sum(w) = (ce_n - loss) / sum(w); with all weights 0 the loss is 0 and the denominator 1.
@@ -281,7 +284,7 @@ def _statistics_pass(hidden_nd, kernel_dv, targets_n, options):
     return stats, logits_nc
 
 
-def _finish(stats: _Stats, targets_n, weights_n, vocab, options):
+def _finish(stats: _Stats, weights_n, vocab, options):
     """Loss, metrics and the per-token `lse_n`, `ce_n` from the final statistics; also the loss denominator."""
     lse_n = stats.max_n + jnp.log(stats.sumexp_n)
     eps = options.label_smoothing

@@ -246,3 +246,13 @@ def test_bad_arguments_raise_naming_the_argument(bad, match):
     with pytest.raises(ValueError, match=match):
         loss_lib.cross_entropy(args.pop("hidden"), args.pop("kernel"), args.pop("targets"), args.pop("weights"),
                                **args)
+
+
+def test_bf16_plain_slicing_path_used_off_cpu_gives_the_same_results(monkeypatch):
+    # On CPU, bf16 kernels are sliced as uint16 bits (lm.loss._bits); GPUs and TPUs slice bf16 directly.
+    hidden, kernel, targets = inputs(252, 507, 64, jnp.bfloat16)
+    via_bits = value_and_grads(chunked, hidden, kernel, targets)
+    monkeypatch.setattr(loss_lib, "_bits", lambda x: x)
+    plain = value_and_grads(chunked, hidden, kernel, targets)
+    for a, b in zip(jax.tree.leaves(via_bits), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
