@@ -49,6 +49,19 @@ def attention_mask(segment_ids_bt: jax.Array | None, length: int, causal: bool) 
     return mask
 
 
+def cache_attention_mask(start_b: jax.Array, first_slot: jax.Array, query_length: int, cache_length: int) -> jax.Array:
+    """Boolean mask `[b, 1, t, s]` for queries written to cache slots `first_slot + [0, t)` against all `s` slots.
+
+    Query slot q may attend key slot s when `start_b <= s <= q`: causal, and never the left padding before a row's
+    first real token (`start_b`), nor the slots not yet written (s > q).
+    """
+    slot_s = jnp.arange(cache_length)
+    query_slot_t = first_slot + jnp.arange(query_length)
+    causal_ts = slot_s[None, :] <= query_slot_t[:, None]
+    not_padding_bs = slot_s[None, :] >= start_b[:, None]
+    return (causal_ts[None] & not_padding_bs[:, None, :])[:, None]
+
+
 def _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_b1ts) -> jax.Array:
     b, t, n, h = q_btnh.shape
     g = k_bsgh.shape[2]
@@ -71,6 +84,7 @@ def dot_product_attention(
     *,
     segment_ids_bt: jax.Array | None = None,
     causal: bool = True,
+    mask_b1ts: jax.Array | None = None,
     implementation: str = "xla",
 ) -> jax.Array:
     """Multi-head / grouped-query / multi-query attention.
@@ -80,6 +94,8 @@ def dot_product_attention(
       k_bsgh, v_bsgh: keys and values `[batch, length, kv_heads, head_dim]`; `heads % kv_heads == 0`.
       segment_ids_bt: int `[batch, length]` document ids of packed rows; tokens attend only within their segment.
       causal: mask future keys (query and key positions aligned, t == s).
+      mask_b1ts: an explicit boolean mask `[batch, 1, length, kv_length]` (decoding against a KV cache, where
+        t != s; see `cache_attention_mask`), combined with the others.
       implementation: `xla`, `cudnn` or `auto` (see module docstring).
 
     Returns:
@@ -87,8 +103,14 @@ def dot_product_attention(
     """
     implementation = resolve_implementation(implementation, q_btnh.dtype)
     if implementation == "cudnn":
-        mask_b1ts = attention_mask(segment_ids_bt, q_btnh.shape[1], causal=False)
+        mask = _combine(attention_mask(segment_ids_bt, q_btnh.shape[1], causal=False), mask_b1ts)
         return jax.nn.dot_product_attention(
-            q_btnh, k_bsgh, v_bsgh, mask=mask_b1ts, is_causal=causal, implementation="cudnn")
-    mask_b1ts = attention_mask(segment_ids_bt, q_btnh.shape[1], causal)
-    return _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_b1ts)
+            q_btnh, k_bsgh, v_bsgh, mask=mask, is_causal=causal, implementation="cudnn")
+    mask = _combine(attention_mask(segment_ids_bt, q_btnh.shape[1], causal), mask_b1ts)
+    return _xla_attention(q_btnh, k_bsgh, v_bsgh, mask)
+
+
+def _combine(mask_a, mask_b):
+    if mask_a is None or mask_b is None:
+        return mask_b if mask_a is None else mask_a
+    return mask_a & mask_b

@@ -6,6 +6,9 @@ Each checkpoint step directory holds three items saved together:
 - `data`: the input iterator's JSON state (`lm.data.pipeline.BatchIterator.get_state()`);
 - `config`: the run's config as JSON.
 
+`restore(workdir, step, mesh)` is the reader for evaluation, sampling and notebooks: the run's config and its
+parameters only (optimizer state on request), placed on any mesh.
+
 Orbax writes a step into a temporary directory and renames it when every item is complete, and removes leftover
 temporary directories on start, so a checkpoint that was being written when the process died is never restored.
 Saving is asynchronous: the train loop continues while the arrays are written.
@@ -13,14 +16,20 @@ Saving is asynchronous: the train loop continues while the arrays are written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
+import flax.linen as nn
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from lm import config as lm_config
+from lm import model as model_lib
+from lm import optim
+from lm import sharding as sharding_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -103,3 +112,122 @@ def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract_state)
     restored = checkpoints.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, restored.data
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint read back: the run's config, the parameters (and optimizer state if asked) on `shardings.mesh`."""
+
+    config: ml_collections.ConfigDict
+    params: Any
+    step: int
+    shardings: sharding_lib.Shardings
+    opt_state: Any = None
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.shardings.mesh
+
+
+def default_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+    """The run's own mesh when it fits the devices here, else every device on `fsdp` (parameters sharded, so a model
+    trained on many devices still fits; batches are split over (data, fsdp) either way)."""
+    devices = jax.devices() if devices is None else devices
+    try:
+        return sharding_lib.make_mesh(config.mesh, devices)
+    except lm_config.ConfigError:
+        fallback = ml_collections.ConfigDict(config.mesh.to_dict())
+        fallback.update(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+        return sharding_lib.make_mesh(fallback, devices)
+
+
+def mesh_of(params, config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The mesh `params` live on (as `restore` placed them), or `default_mesh(config)` for unsharded arrays."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding.mesh
+    return default_mesh(config)
+
+
+def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None, *,
+            config: ml_collections.ConfigDict | None = None, optimizer_state: bool = False) -> Restored:
+    """Reads the parameters of checkpoint `step` (default: the latest) of the run in `workdir`.
+
+    Args:
+      workdir: a training run's directory (`config.json` and `checkpoints/`).
+      step: which checkpoint; None for the latest.
+      mesh: where to place the arrays; any shape, not necessarily the one the run was trained on (None:
+        `default_mesh`). Parameters take the shardings `config`'s rules give on this mesh.
+      config: the config to build the model from (default: the run's own, `workdir/config.json`); it must describe
+        the same parameter shapes as the checkpoint.
+      optimizer_state: also read the optimizer state (only the parameters are read otherwise).
+
+    Raises:
+      CheckpointError: the workdir or checkpoints are missing, `step` is not kept, or `config`'s parameters do not
+        match the checkpoint's; the message says which.
+    """
+    checkpoints = _reader(workdir)
+    config = read_config(workdir) if config is None else config
+    steps = checkpoints.all_steps()
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise CheckpointError(f"step {step} is not among the checkpoints kept in {workdir}: {sorted(steps)}")
+
+    mesh = default_mesh(config) if mesh is None else mesh
+    model = model_lib.build(config)
+    optimizer = optim.make_optimizer(config) if optimizer_state else None
+    boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
+    shardings = sharding_lib.Shardings(config, mesh, boxed_params, optimizer)
+    target = {"params": _abstract(nn.unbox(boxed_params), shardings.params)}
+    if optimizer_state:
+        abstract_opt_state = jax.eval_shape(optimizer.init, target["params"])
+        target["opt_state"] = _abstract(abstract_opt_state, shardings.opt_state)
+    _check_shapes(checkpoints.item_metadata(step).state, {"params": target["params"]}, workdir, step)
+    restored = checkpoints.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    checkpoints.close()
+    state = restored.state
+    return Restored(config, state["params"], step, shardings, state.get("opt_state"))
+
+
+def _reader(workdir: str) -> ocp.CheckpointManager:
+    """A manager over `workdir/checkpoints` for reading (it never saves); raises CheckpointError unless it holds a complete checkpoint."""
+    if not os.path.isdir(workdir):
+        raise CheckpointError(f"workdir {workdir!r} does not exist")
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{workdir} has no checkpoints ({directory} does not exist)")
+    checkpoints = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+    if not checkpoints.all_steps():
+        raise CheckpointError(f"{workdir} has no complete checkpoints in {directory}")
+    return checkpoints
+
+
+def kept_steps(workdir: str) -> list[int]:
+    """The steps of the complete checkpoints in `workdir`, oldest first."""
+    checkpoints = _reader(workdir)
+    steps = sorted(checkpoints.all_steps())
+    checkpoints.close()
+    return steps
+
+
+def _abstract(shapes, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def _check_shapes(saved_metadata, target, workdir: str, step: int) -> None:
+    """Raises CheckpointError naming the first parameter whose saved shape differs from (or is absent in) `target`."""
+    saved = {jax.tree_util.keystr(path): leaf.shape
+             for path, leaf in jax.tree_util.tree_leaves_with_path(saved_metadata)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+        name = jax.tree_util.keystr(path)
+        if saved.get(name) != leaf.shape:
+            found = "absent" if name not in saved else f"shape {saved[name]}"
+            raise CheckpointError(
+                f"the config does not fit checkpoint {step} of {workdir}: {name} is {found} there, the config's model "
+                f"needs shape {leaf.shape}")

@@ -7,7 +7,8 @@ v vocabulary, l layers.
 
 `Transformer.__call__` returns the final-normed hidden states; the LM head is not applied there. Training passes the
 head's kernel (`Transformer.output_kernel`, `[d, v]`) to `lm.loss.cross_entropy`, which applies it chunk by chunk over
-the vocabulary; decoding calls `Transformer.logits` on the positions it needs.
+the vocabulary. Decoding (`lm.generate`) calls `Transformer.decode`, which runs new tokens against a `KVCache` and
+returns logits for the last position only.
 
 Every parameter is created through `nn.with_logical_partitioning` with the logical axis names of DESIGN.md
 (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, and `layers` for the scanned stack), so the sharding rules
@@ -21,6 +22,7 @@ import functools
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -142,13 +144,51 @@ def sinusoidal_positions(positions_bt: jax.Array, d: int) -> jax.Array:
     return jnp.pad(encoding_btd, ((0, 0), (0, 0), (0, d % 2)))
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for decoding, written slot by slot.
+
+    Rows of a batch are left-padded so all rows write the same slot at each step: row b's text starts at slot
+    `start_b[b]`; slots before it are padding that no query attends to.
+
+    key_lbsgh, value_lbsgh: `[layers, batch, max_len, kv_heads, head_dim]` in the compute dtype, logical axes
+      `AXES` (sharded by the config's rules like every activation).
+    index: int32 scalar, the number of slots written; the next token goes to slot `index`.
+    start_b: int32 `[batch]`, the first slot of each row's text.
+    """
+
+    key_lbsgh: jax.Array
+    value_lbsgh: jax.Array
+    index: jax.Array
+    start_b: jax.Array
+
+    AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+    @classmethod
+    def zeros(cls, cfg, start_b: jax.Array, max_len: int) -> "KVCache":
+        """An empty cache for `len(start_b)` rows of up to `max_len` slots. `cfg`: `model_config(config)`."""
+        shape = (cfg.num_layers, start_b.shape[0], max_len, cfg.num_kv_heads, cfg.d_model // cfg.num_heads)
+        empty_lbsgh = nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), cls.AXES)
+        return cls(empty_lbsgh, empty_lbsgh, jnp.zeros((), jnp.int32), start_b.astype(jnp.int32))
+
+    def positions(self, length: int) -> jax.Array:
+        """int32 `[batch, length]` positions of the next `length` tokens within their rows' text (0 on padding)."""
+        slot_t = self.index + jnp.arange(length)
+        return jnp.maximum(slot_t[None, :] - self.start_b[:, None], 0)
+
+
 class Attention(nn.Module):
-    """Causal self-attention with `num_kv_heads` key/value heads (MHA, GQA or MQA) and optional RoPE."""
+    """Causal self-attention with `num_kv_heads` key/value heads (MHA, GQA or MQA) and optional RoPE.
+
+    With `layer_cache = (key_bsgh, value_bsgh, index, start_b)` (one layer of a `KVCache`), the new keys and values
+    are written to slots `index + [0, t)` and the queries attend to the whole cache; the updated
+    `(key_bsgh, value_bsgh)` are returned beside the output (None without a cache).
+    """
 
     cfg: ml_collections.FrozenConfigDict
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None):
         cfg = self.cfg
         d, n, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
         h = d // n
@@ -162,12 +202,24 @@ class Attention(nn.Module):
         q_btnh = nn.with_logical_constraint(q_btnh, ("batch", "length", "heads", "head_dim"))
         k_btgh = nn.with_logical_constraint(k_btgh, ("batch", "length", "kv_heads", "head_dim"))
         v_btgh = nn.with_logical_constraint(v_btgh, ("batch", "length", "kv_heads", "head_dim"))
-        out_btnh = attention_lib.dot_product_attention(
-            q_btnh, k_btgh, v_btgh, segment_ids_bt=segment_ids_bt, causal=True, implementation=cfg.attention)
+        if layer_cache is None:
+            new_cache = None
+            out_btnh = attention_lib.dot_product_attention(
+                q_btnh, k_btgh, v_btgh, segment_ids_bt=segment_ids_bt, causal=True, implementation=cfg.attention)
+        else:
+            key_bsgh, value_bsgh, index, start_b = layer_cache
+            key_bsgh = jax.lax.dynamic_update_slice_in_dim(key_bsgh, k_btgh.astype(key_bsgh.dtype), index, axis=1)
+            value_bsgh = jax.lax.dynamic_update_slice_in_dim(value_bsgh, v_btgh.astype(value_bsgh.dtype), index, 1)
+            new_cache = (key_bsgh, value_bsgh)
+            mask_b1ts = attention_lib.cache_attention_mask(start_b, index, x_btd.shape[1], key_bsgh.shape[1])
+            # The XLA path: a few query rows against the cache is a small matrix-vector product, not flash-attention.
+            out_btnh = attention_lib.dot_product_attention(
+                q_btnh, key_bsgh, value_bsgh, causal=False, mask_b1ts=mask_b1ts, implementation="xla")
         out_btnh = nn.with_logical_constraint(out_btnh, ("batch", "length", "heads", "head_dim"))
-        return Projection(
+        out_btd = Projection(
             cfg, "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), fan_in_axes=(0, 1), fan_out_axes=(2,),
             output_projection=True, name="out")(out_btnh)
+        return out_btd, new_cache
 
 
 class Mlp(nn.Module):
@@ -194,26 +246,30 @@ class Block(nn.Module):
 
     pre-norm:  x = x + attn(norm(x)); x = x + mlp(norm(x))
     post-norm: x = norm(x + attn(x)); x = norm(x + mlp(x))
-    Signature `(carry, *broadcast) -> (carry, None)` so it can be stacked with `nn.scan`.
+    Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast)) -> (carry, new kv)` so it can be
+    stacked with `nn.scan`; `kv = (key_bsgh, value_bsgh)` and `slots = (index, start_b)` are None unless decoding.
     """
 
     cfg: ml_collections.FrozenConfigDict
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, slots=None):
         cfg = self.cfg
         attention = Attention(cfg, name="attention")
         mlp = Mlp(cfg, name="mlp")
+        layer_cache = None if kv is None else (*kv, *slots)
         if cfg.norm_position == "pre":
-            x_btd = x_btd + attention(Norm(cfg, name="attention_norm")(x_btd), positions_bt, segment_ids_bt)
-            x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+            attended_btd, kv = attention(
+                Norm(cfg, name="attention_norm")(x_btd), positions_bt, segment_ids_bt, layer_cache)
+            x_btd = nn.with_logical_constraint(x_btd + attended_btd, ("batch", "length", "embed"))
             x_btd = x_btd + mlp(Norm(cfg, name="mlp_norm")(x_btd))
         else:
-            x_btd = Norm(cfg, name="attention_norm")(x_btd + attention(x_btd, positions_bt, segment_ids_bt))
+            attended_btd, kv = attention(x_btd, positions_bt, segment_ids_bt, layer_cache)
+            x_btd = Norm(cfg, name="attention_norm")(x_btd + attended_btd)
             x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
             x_btd = Norm(cfg, name="mlp_norm")(x_btd + mlp(x_btd))
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
-        return x_btd, None
+        return x_btd, kv
 
 
 def _block_class(cfg) -> type[nn.Module]:
@@ -247,7 +303,7 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
@@ -280,23 +336,52 @@ class Transformer(nn.Module):
           `[batch, length, d_model]` final hidden states in the compute dtype (final-normed for pre-norm models;
           post-norm blocks already end in a norm).
         """
-        cfg = self.cfg
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        hidden_btd, _ = self._layers(tokens_bt, positions_bt, segment_ids_bt, cache=None)
+        return hidden_btd
+
+    def decode(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Runs `t` new tokens per row against `cache` (a prompt, then one token per step).
+
+        Args:
+          tokens_bt: int `[batch, t]`, written to cache slots `cache.index + [0, t)`.
+          cache: the `KVCache` of everything before them.
+
+        Returns:
+          fp32 logits `[batch, vocab]` of the token after the last one (only that position's, never
+          `[batch, t, vocab]`), and the cache with the new keys and values and `index` advanced by `t`.
+        """
+        length = tokens_bt.shape[1]
+        hidden_btd, (key_lbsgh, value_lbsgh) = self._layers(tokens_bt, cache.positions(length), None, cache=cache)
+        cache = cache.replace(key_lbsgh=key_lbsgh, value_lbsgh=value_lbsgh, index=cache.index + length)
+        return self.logits(hidden_btd[:, -1]), cache
+
+    def _layers(self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None):
+        """Embedding, the blocks and the final norm: `(hidden_btd, (key_lbsgh, value_lbsgh) or None)`."""
+        cfg = self.cfg
         x_btd = self.embed(tokens_bt)
         if cfg.position_embedding == "learned":
             x_btd = x_btd + jnp.take(self.position_table, positions_bt, axis=0).astype(cfg.dtype)
         elif cfg.position_embedding == "sinusoidal":
             x_btd = x_btd + sinusoidal_positions(positions_bt, cfg.d_model).astype(cfg.dtype)
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+        kv_lbsgh = None if cache is None else (cache.key_lbsgh, cache.value_lbsgh)
+        slots = None if cache is None else (cache.index, cache.start_b)
         if cfg.scan_layers:
-            x_btd, _ = self.layers(x_btd, positions_bt, segment_ids_bt)
+            x_btd, kv_lbsgh = self.layers(x_btd, positions_bt, segment_ids_bt, kv_lbsgh, slots)
         else:
-            for layer in self.layers:
-                x_btd, _ = layer(x_btd, positions_bt, segment_ids_bt)
+            per_layer = []
+            for i, layer in enumerate(self.layers):
+                x_btd, kv = layer(x_btd, positions_bt, segment_ids_bt,
+                                  None if cache is None else jax.tree.map(lambda a: a[i], kv_lbsgh), slots)
+                per_layer.append(kv)
+            kv_lbsgh = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        if kv_lbsgh is not None:
+            kv_lbsgh = tuple(nn.with_logical_constraint(a, KVCache.AXES) for a in kv_lbsgh)
         if cfg.norm_position == "pre":
             x_btd = self.final_norm(x_btd)
-        return nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x_btd, ("batch", "length", "embed")), kv_lbsgh
 
     def output_kernel(self) -> jax.Array:
         """The LM head `[d_model, vocab]` in the compute dtype (the transposed embedding when tied)."""

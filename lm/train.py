@@ -11,7 +11,6 @@ position); SIGTERM saves a checkpoint at the current step and exits 0.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -24,6 +23,7 @@ import tqdm
 from ml_collections import config_flags
 
 from lm import checkpoint
+from lm import evaluate as evaluate_lib
 from lm import config as lm_config
 from lm import flops
 from lm import metrics as metrics_lib
@@ -60,23 +60,6 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def _evaluate(eval_step, params, config, shardings, workdir) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy over `config.eval_steps` validation batches (padding excluded).
-
-    A fresh iterator each time, so every evaluation sees the same batches."""
-    iterator = pipeline.make_eval_iterator(config, workdir=workdir)
-    totals = None
-    for _ in range(config.eval_steps):
-        sums = eval_step(params, pipeline.to_global_arrays(next(iterator), shardings.batch))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    iterator.close()
-    totals = jax.device_get(totals)
-    tokens = max(float(totals["weight_sum"]), 1.0)
-    loss = float(totals["nll_sum"]) / tokens
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
-            "eval_accuracy": float(totals["correct_sum"]) / tokens, "eval_tokens": float(totals["weight_sum"])}
-
-
 def unigram_entropy(config, workdir) -> float:
     """Entropy (nats) of the validation targets' unigram distribution over the evaluated batches: the loss of the
     best model that ignores context, the bar a trained model must clear."""
@@ -90,8 +73,12 @@ def unigram_entropy(config, workdir) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def train(config, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last logged metrics."""
+def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: tuple[int, int] | None = None,
+          debug_nan_steps: frozenset[int] = frozenset(), debug_kill_after_save_step: int | None = None
+          ) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last logged metrics.
+
+    The keyword options are the CLI flags of the same names (`--profile_steps=START:STOP` is a pair here)."""
     lm_config.validate(config)
     os.makedirs(workdir, exist_ok=True)
     checkpoint.check_same_model(workdir, config)
@@ -106,7 +93,7 @@ def train(config, workdir: str) -> dict[str, float]:
          f"{jax.process_count()} process(es)")
     _log(f"parameters: {flops.param_count(config):,}; ZeRO stage {config.sharding.zero_stage}")
     abstract_state = training.abstract_state()
-    if _PRINT_SHARDING.value:
+    if print_sharding:
         _log(sharding_lib.sharding_table(abstract_state, "train state sharding"))
     else:
         state_bytes = sharding_lib.bytes_per_device(abstract_state, train_step_lib.state_shardings(shardings))
@@ -128,14 +115,12 @@ def train(config, workdir: str) -> dict[str, float]:
     flops_per_token = flops.train_flops_per_token(config, config.data.seq_len)
     peak, peak_label = flops.peak_flops(jax.devices(), config.model.dtype)
     _log(f"MFU against {peak / 1e12:.3f} TFLOP/s ({peak_label}); {flops_per_token:.3e} train FLOPs per token")
-    nan_steps = {int(s) for s in _DEBUG_NAN_STEPS.value}
-    profile = tuple(int(s) for s in _PROFILE_STEPS.value.split(":")) if _PROFILE_STEPS.value else None
     preempted = _Preempted()
     tokens_per_step = config.data.batch_size * config.data.seq_len
 
     def save(step):
         checkpoint.save(checkpoints, step, state, train_iterator.get_state(), config)
-        if _DEBUG_KILL_AFTER_SAVE.value == step:
+        if debug_kill_after_save_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
     consecutive_skips = skipped_total = 0
@@ -145,12 +130,12 @@ def train(config, workdir: str) -> dict[str, float]:
                          dynamic_ncols=True, file=sys.stdout)
     for step in range(start_step + 1, config.total_steps + 1):
         batch = next(train_iterator)
-        if step in nan_steps:
+        if step in debug_nan_steps:
             batch = {**batch, "weights": np.full_like(batch["weights"], np.nan)}
-        if profile and step == profile[0]:
+        if profile_steps and step == profile_steps[0]:
             jax.profiler.start_trace(os.path.join(workdir, "profile"))
         state, metrics = step_fn(state, pipeline.to_global_arrays(batch, shardings.batch))
-        if profile and step == profile[1]:
+        if profile_steps and step == profile_steps[1]:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
         interval_steps += 1
@@ -178,7 +163,9 @@ def train(config, workdir: str) -> dict[str, float]:
             progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
             interval_start, interval_steps = time.perf_counter(), 0
         if step % config.eval_every == 0 or step == config.total_steps:
-            eval_metrics = _evaluate(eval_step, state.params, config, shardings, workdir)
+            results = evaluate_lib.evaluate(config, state.params, workdir=workdir, shardings=shardings,
+                                            eval_step=eval_step)
+            eval_metrics = {f"eval_{name}": value for name, value in results.items()}
             writer.write(step, eval_metrics)
             last.update(eval_metrics)
             progress.write(f"step {step}: eval loss {eval_metrics['eval_loss']:.4f}, "
@@ -212,7 +199,10 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/NAME.py is required")
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        profile_steps = tuple(int(s) for s in _PROFILE_STEPS.value.split(":")) if _PROFILE_STEPS.value else None
+        train(_CONFIG.value, _WORKDIR.value, print_sharding=_PRINT_SHARDING.value, profile_steps=profile_steps,
+              debug_nan_steps=frozenset(int(s) for s in _DEBUG_NAN_STEPS.value),
+              debug_kill_after_save_step=_DEBUG_KILL_AFTER_SAVE.value)
     except (lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -1,0 +1,199 @@
+"""Sampling from a trained model with a KV cache.
+
+    python -m lm.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] [--max_new_tokens=64] [--temperature=0.8]
+        [--top_k=40] [--top_p=0.95] [--seed=0] [--step=N]
+
+One jitted program per (batch, prompt length, settings): the prompts, left-padded to a common length so every row
+writes the same cache slot at each step, are run through the model once (prefill) filling a `lm.model.KVCache`
+`[layers, batch, max_len, kv_heads, head_dim]`; then a `lax.while_loop` samples a token per row and runs just that
+token against the cache, until every row has produced EOS or `max_new_tokens` tokens. Each step computes logits
+for the last position only (`Transformer.decode`), never `[batch, length, vocab]`.
+
+Sampling (`Sampling`): temperature 0 is greedy (argmax); otherwise logits are divided by the temperature, then
+top-k keeps the k most likely tokens, then top-p (nucleus) keeps the smallest set of the remaining ones whose
+probability reaches p; a token is drawn from what is left. Draws use `jax.random.fold_in(key(seed), step)`, so the
+same seed gives the same text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+from absl import app, flags, logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lm import checkpoint
+from lm import config as lm_config
+from lm import model as model_lib
+from lm import sharding as sharding_lib
+from lm.data import sources
+from lm.data import tokenizer as tokenizer_lib
+
+# Prompt lengths are padded up to a multiple of this, so prompts of similar length share one compiled program.
+PROMPT_LENGTH_MULTIPLE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a token is drawn from the logits. temperature 0: greedy; top_k 0: off; top_p 1: off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+def sample(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """int32 `[batch]` tokens drawn from fp32 `logits_bv` `[batch, vocab]` as `sampling` says."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = logits_bv.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth_largest_b1 = jax.lax.top_k(logits_bv, sampling.top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_largest_b1, -jnp.inf, logits_bv)
+    if sampling.top_p < 1.0:
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        # Keep a token while the mass of the more likely ones is still short of p: the smallest set reaching p.
+        mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+        kept_b = jnp.sum(mass_before_bv < sampling.top_p, axis=-1)
+        threshold_b1 = jnp.take_along_axis(sorted_bv, kept_b[:, None] - 1, axis=-1)
+        logits_bv = jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
+    return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id", "pad_id"))
+def _generate(params, prompt_bp, start_b, rng, *, model: model_lib.Transformer, max_new_tokens: int,
+              sampling: Sampling, eos_id: int, pad_id: int):
+    """Prefill plus the decode loop: `(tokens_bn, steps)`, rows padded with `pad_id` after their EOS."""
+    batch, prompt_length = prompt_bp.shape
+    cache = model_lib.KVCache.zeros(model.cfg, start_b, prompt_length + max_new_tokens)
+    logits_bv, cache = model.apply({"params": params}, prompt_bp, cache, method=model.decode)
+
+    def keep_going(carry):
+        step, _, _, _, done_b = carry
+        return (step < max_new_tokens) & ~jnp.all(done_b)
+
+    def decode_one(carry):
+        step, logits_bv, cache, tokens_bn, done_b = carry
+        token_b = jnp.where(done_b, pad_id, sample(logits_bv, jax.random.fold_in(rng, step), sampling))
+        tokens_bn = tokens_bn.at[:, step].set(token_b)
+        done_b = done_b | (token_b == eos_id)
+        logits_bv, cache = model.apply({"params": params}, token_b[:, None], cache, method=model.decode)
+        return step + 1, logits_bv, cache, tokens_bn, done_b
+
+    tokens_bn = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    carry = (jnp.zeros((), jnp.int32), logits_bv, cache, tokens_bn, jnp.zeros((batch,), bool))
+    steps, _, _, tokens_bn, _ = jax.lax.while_loop(keep_going, decode_one, carry)
+    return tokens_bn, steps
+
+
+def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]], *, max_new_tokens: int,
+             sampling: Sampling = Sampling(), seed: int = 0, eos_id: int | None = None, pad_id: int = 0,
+             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+    """Completes each prompt (a list of token ids, at least one) with up to `max_new_tokens` sampled tokens.
+
+    Returns the new tokens of each prompt, ending with `eos_id` when it was produced (nothing after it). `mesh`
+    (default: the one `params` live on) shards the batch and the cache by the config's logical rules.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    model = model_lib.build(config)
+    longest = max(len(p) for p in prompts)
+    prompt_length = -(-longest // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
+    if config.model.position_embedding == "learned" and longest + max_new_tokens > config.model.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"config.model.max_seq_len={config.model.max_seq_len} of the learned position table")
+    mesh = mesh or checkpoint.mesh_of(params, config)
+    batch_axes = sharding_lib.logical_rules(config)
+    rows = len(prompts)
+    # Rows are padded to a multiple of the devices the batch axis is split over (the padding rows are dropped).
+    batch_shards = _batch_shards(mesh, batch_axes)
+    batch = -(-rows // batch_shards) * batch_shards
+    prompt_bp = np.full((batch, prompt_length), pad_id, np.int32)
+    start_b = np.full((batch,), prompt_length - 1, np.int32)
+    for b, prompt in enumerate(prompts):
+        prompt_bp[b, prompt_length - len(prompt):] = prompt
+        start_b[b] = prompt_length - len(prompt)
+    prompt_bp[rows:, -1] = prompts[0][-1]
+    boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
+    shardings = sharding_lib.Shardings(config, mesh, boxed_params)
+    with shardings.activation_rules():
+        tokens_bn, _ = _generate(
+            nn.unbox(params), jax.device_put(prompt_bp, shardings.batch), jnp.asarray(start_b),
+            jax.random.key(seed), model=model, max_new_tokens=max_new_tokens, sampling=sampling,
+            eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id)
+    completions = []
+    for row in np.asarray(jax.device_get(tokens_bn))[:rows].tolist():
+        completions.append(row[:row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
+    return completions
+
+
+def _batch_shards(mesh: jax.sharding.Mesh, rules) -> int:
+    axes = dict(rules).get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+
+
+def generate_text(config: ml_collections.ConfigDict, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Text completions of text prompts (each prompt starts with BOS, as training documents do; EOS ends one)."""
+    bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []
+    prompt_ids = [bos + tokenizer.encode(p) for p in prompts]
+    eos_id = tokenizer.eos_id() if tokenizer.eos_id() >= 0 else None
+    new_ids = generate(config, params, prompt_ids, max_new_tokens=max_new_tokens,
+                       sampling=Sampling(temperature, top_k, top_p), seed=seed, eos_id=eos_id,
+                       pad_id=max(tokenizer.pad_id(), 0))
+    return [tokenizer.decode([t for t in ids if t != eos_id]) for ids in new_ids]
+
+
+def define_flags() -> None:
+    """The CLI's flags; defined only when run as a program, so importing this module defines none."""
+    flags.DEFINE_string("workdir", None, "Run directory holding config.json, tokenizer.model and checkpoints/.")
+    flags.DEFINE_multi_string("prompt", None, "A prompt; repeat the flag for a batch of prompts.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (fewer if EOS comes first).")
+    flags.DEFINE_float("temperature", 0.0, "0: greedy; otherwise logits are divided by it before sampling.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: off).")
+    flags.DEFINE_float("top_p", 1.0, "Sample among the smallest set of tokens whose probability reaches p (1: off).")
+    flags.DEFINE_integer("seed", 0, "Random seed of the sampler.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    FLAGS = flags.FLAGS
+    if FLAGS.workdir is None or not FLAGS.prompt:
+        raise app.UsageError("--workdir=DIR and at least one --prompt=TEXT are required")
+    try:
+        sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+        restored = checkpoint.restore(FLAGS.workdir, FLAGS.step)
+        tokenizer = tokenizer_lib.get_tokenizer(restored.config, workdir=FLAGS.workdir)
+        completions = generate_text(
+            restored.config, restored.params, tokenizer, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=FLAGS.seed)
+    except (ValueError, lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if jax.process_index() == 0:
+        for prompt, completion in zip(FLAGS.prompt, completions):
+            print(f"=== {prompt!r} (step {restored.step})\n{prompt}{completion}\n", flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
