@@ -3,7 +3,8 @@
 Each checkpoint step directory holds three items saved together:
 - `state`: the `TrainState` (step, params, optimizer state), restored directly into the target shardings, so a run
   can resume on another mesh;
-- `data`: the input iterator's JSON state (`lm.data.pipeline.BatchIterator.get_state()`);
+- `data`: the input iterator's state, one JSON file per process (`process_<i>-of-<n>.json`, grain's orbax handler),
+  since each process reads its own shard of the data;
 - `config`: the run's config as JSON.
 
 `restore(workdir, step, mesh)` is the reader for evaluation, sampling and notebooks: the run's config and its
@@ -22,6 +23,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -99,19 +101,29 @@ def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Checkpo
         item_names=("state", "data", "config"))
 
 
-def save(checkpoints: ocp.CheckpointManager, step: int, state, data_state: dict, config) -> None:
-    """Starts an asynchronous save of step `step` (returns before the arrays are written)."""
+def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, config) -> None:
+    """Starts an asynchronous save of step `step` (returns before the arrays are written); every process calls it.
+
+    `data_iterator` (a `BatchIterator`) has its state read now, by each process for its own shard."""
     checkpoints.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(config_to_dict(config))), force=True)
 
 
-def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract_state):
-    """Restores `state` and `data` of `step` into the shardings of `abstract_state` (ShapeDtypeStructs)."""
-    restored = checkpoints.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored.state, restored.data
+def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract_state, data_iterator):
+    """Restores `state` of `step` into the shardings of `abstract_state` (ShapeDtypeStructs) and sets
+    `data_iterator` to the saved position of this process's data."""
+    try:
+        restored = checkpoints.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except ValueError as error:
+        if "process_" not in str(error):
+            raise
+        raise CheckpointError(
+            f"checkpoint {step} holds no data state for process {jax.process_index()} of {jax.process_count()}: "
+            f"it was saved by another number of processes; resume with the process count it was saved with") from None
+    return restored.state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +205,9 @@ def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | Non
 
 
 def _reader(workdir: str) -> ocp.CheckpointManager:
-    """A manager over `workdir/checkpoints` for reading (it never saves); raises CheckpointError unless it holds a complete checkpoint."""
+    """A manager over `workdir/checkpoints` for reading (it never saves).
+
+    Raises CheckpointError unless the directory holds a complete checkpoint."""
     if not os.path.isdir(workdir):
         raise CheckpointError(f"workdir {workdir!r} does not exist")
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))

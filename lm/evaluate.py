@@ -28,6 +28,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from lm import checkpoint
+from lm import distributed
 from lm import config as lm_config
 from lm import model as model_lib
 from lm import sharding as sharding_lib
@@ -162,13 +163,15 @@ def main(argv):
         raise app.UsageError("--step and --all_steps exclude each other")
     workdir = FLAGS.workdir
     try:
+        distributed.initialize()
         config = run_config(workdir, config_flags.get_override_values(FLAGS["config"]))
         steps = checkpoint.kept_steps(workdir) if FLAGS.all_steps else [FLAGS.step]
         for step in steps:
             step, results = evaluate_checkpoint(workdir, step, config)
             if jax.process_index() == 0:
                 print(format_results(step, results), flush=True)
-    except (lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError) as error:
+    except (lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError,
+            distributed.DistributedError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

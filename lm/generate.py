@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from lm import checkpoint
+from lm import distributed
 from lm import config as lm_config
 from lm import model as model_lib
 from lm import sharding as sharding_lib
@@ -181,13 +182,15 @@ def main(argv):
     if FLAGS.workdir is None or not FLAGS.prompt:
         raise app.UsageError("--workdir=DIR and at least one --prompt=TEXT are required")
     try:
+        distributed.initialize()
         sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
         restored = checkpoint.restore(FLAGS.workdir, FLAGS.step)
         tokenizer = tokenizer_lib.get_tokenizer(restored.config, workdir=FLAGS.workdir)
         completions = generate_text(
             restored.config, restored.params, tokenizer, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=FLAGS.seed)
-    except (ValueError, lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError) as error:
+    except (ValueError, lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError,
+            distributed.DistributedError) as error:
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:
         for prompt, completion in zip(FLAGS.prompt, completions):

@@ -23,6 +23,7 @@ import tqdm
 from ml_collections import config_flags
 
 from lm import checkpoint
+from lm import distributed
 from lm import evaluate as evaluate_lib
 from lm import config as lm_config
 from lm import flops
@@ -104,8 +105,7 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
     if latest is None:
         state = training.init_state()
     else:
-        state, data_state = checkpoint.restore_state(checkpoints, latest, abstract_state)
-        train_iterator.set_state(data_state)
+        state = checkpoint.restore_state(checkpoints, latest, abstract_state, train_iterator)
         _log(f"resumed from step {latest}")
     start_step = int(state.step)
 
@@ -119,7 +119,7 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
     tokens_per_step = config.data.batch_size * config.data.seq_len
 
     def save(step):
-        checkpoint.save(checkpoints, step, state, train_iterator.get_state(), config)
+        checkpoint.save(checkpoints, step, state, train_iterator, config)
         if debug_kill_after_save_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -199,11 +199,13 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/NAME.py is required")
     try:
+        distributed.initialize()
         profile_steps = tuple(int(s) for s in _PROFILE_STEPS.value.split(":")) if _PROFILE_STEPS.value else None
         train(_CONFIG.value, _WORKDIR.value, print_sharding=_PRINT_SHARDING.value, profile_steps=profile_steps,
               debug_nan_steps=frozenset(int(s) for s in _DEBUG_NAN_STEPS.value),
               debug_kill_after_save_step=_DEBUG_KILL_AFTER_SAVE.value)
-    except (lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError) as error:
+    except (lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError,
+            distributed.DistributedError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -257,14 +257,18 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-def test_synthetic_batches_are_a_function_of_seed_step_and_process(cache_dir):
+def test_synthetic_global_batches_are_a_function_of_seed_and_step_only(cache_dir):
     config = _config(cache_dir, source="synthetic")
     a = _take(pipeline.make_train_iterator(config, process_index=0, process_count=2), 3)
     b = _take(pipeline.make_train_iterator(config, process_index=0, process_count=2), 3)
     other = _take(pipeline.make_train_iterator(config, process_index=1, process_count=2), 3)
+    single = _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
     _assert_batches_equal(a, b)
     assert a[0]["inputs"].shape == (BATCH // 2, SEQ_LEN)
     assert not np.array_equal(a[0]["inputs"], other[0]["inputs"])
+    for step in range(3):  # Two processes' rows, stacked in process order, are the one-process global batch.
+        np.testing.assert_array_equal(np.concatenate([a[step]["inputs"], other[step]["inputs"]]),
+                                      single[step]["inputs"])
     assert (a[0]["inputs"] < config.model.vocab_size).all() and (a[0]["weights"] == 1).all()
     np.testing.assert_array_equal(a[0]["inputs"][:, 1:], a[0]["targets"][:, :-1])
 

@@ -36,7 +36,8 @@ def run_module(module, *args, devices=1, check=True):
     result = subprocess.run([sys.executable, "-m", module, *args], env=environment(devices), capture_output=True,
                             text=True, timeout=600)
     if check and result.returncode != 0:
-        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 

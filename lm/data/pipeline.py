@@ -32,8 +32,9 @@ config (source, tokenizer, seq_len, batch size, seed, process layout) raises `It
 the stream would differ, so an exact resume is impossible.
 
 `source='synthetic'`: uniform random tokens in [0, config.model.vocab_size), one document per row (segment 1,
-positions 0..L-1, all weights 1), from `numpy.random.default_rng([seed, process_index, step])`; no tokenizer, no
-TensorFlow, state `{"step": s}`.
+positions 0..L-1, all weights 1); the global batch of step s comes from `numpy.random.default_rng([seed, s])` and
+each process keeps its rows, so it does not depend on the process count; no tokenizer, no TensorFlow, state
+`{"step": s}`.
 """
 
 from __future__ import annotations
@@ -161,17 +162,21 @@ class BatchIterator(grain.DatasetIterator):
 
 
 class _SyntheticIterator(grain.DatasetIterator):
-    """Random tokens; the batch at step s is drawn from `default_rng([seed, process_index, s])`."""
+    """Random tokens. The global batch at step s is drawn from `default_rng([seed, s])` and each process keeps its
+    rows, so the global batch is the same for any number of processes (multi-process runs match one process)."""
 
-    def __init__(self, *, seed: int, process_index: int, rows: int, seq_len: int, vocab_size: int):
+    def __init__(self, *, seed: int, process_index: int, process_count: int, rows: int, seq_len: int,
+                 vocab_size: int):
         super().__init__()
-        self._seed, self._process_index = seed, process_index
+        self._seed, self._process_index, self._process_count = seed, process_index, process_count
         self._rows, self._seq_len, self._vocab_size = rows, seq_len, vocab_size
         self._step = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self._seed, self._process_index, self._step])
-        tokens_bw = rng.integers(0, self._vocab_size, (self._rows, self._seq_len + 1), dtype=np.int32)
+        rng = np.random.default_rng([self._seed, self._step])
+        global_rows = self._rows * self._process_count
+        tokens_bw = rng.integers(0, self._vocab_size, (global_rows, self._seq_len + 1), dtype=np.int32)
+        tokens_bw = tokens_bw[self._process_index * self._rows:(self._process_index + 1) * self._rows]
         self._step += 1
         shape = (self._rows, self._seq_len)
         return {
@@ -232,8 +237,8 @@ def make_iterator(
     common = dict(local_batch_size=rows, global_batch_size=config.data.batch_size, seq_len=seq_len)
 
     if config.data.source == "synthetic":
-        inner = _SyntheticIterator(seed=seed, process_index=process_index, rows=rows, seq_len=seq_len,
-                                   vocab_size=config.model.vocab_size)
+        inner = _SyntheticIterator(seed=seed, process_index=process_index, process_count=process_count, rows=rows,
+                                   seq_len=seq_len, vocab_size=config.model.vocab_size)
         return BatchIterator(inner, meta=meta, tokenizer=None, **common)
 
     resolved = sources.resolve(config, split)  # Checks name, split, files, field, emptiness before any work.

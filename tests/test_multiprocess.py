@@ -1,0 +1,95 @@
+"""Two local processes (4 simulated CPU devices each, gloo collectives) train, checkpoint, resume and evaluate as one
+program, and match a single process on 8 devices with the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# configs/tiny.py shrunk, synthetic data (its global batch does not depend on the process count), ZeRO stage 1, a
+# constant learning rate after warm-up so a run stopped at step 3 and resumed to step 6 follows the 6-step run.
+RUN = [
+    "--config=configs/tiny.py", "--config.model.num_layers=2", "--config.model.d_model=64",
+    "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=128",
+    "--config.data.source=synthetic", "--config.data.seq_len=32", "--config.data.batch_size=16",
+    "--config.sharding.zero_stage=1", "--config.optim.schedule=constant", "--config.optim.warmup_steps=2",
+    "--config.log_every=1", "--config.checkpoint_every=3", "--config.eval_every=3", "--config.eval_steps=2",
+]
+TIMEOUT = 300
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(devices):
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def run_processes(module, *args, processes=2, devices=4):
+    """Runs `python -m module args` as `processes` cooperating processes; returns process 0's stdout."""
+    port = free_port()
+    extra = [] if processes == 1 else [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", module, *args, *extra, *([] if processes == 1 else [f"--process_id={i}"])],
+        env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(processes)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TIMEOUT))
+    finally:
+        for proc in procs:  # A process whose peer died would wait for it forever: stop them all.
+            proc.kill()
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, f"{module} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
+    return outputs[0][0]
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    single, multi = str(root / "single"), str(root / "multi")
+    run_processes("lm.train", f"--workdir={single}", *RUN, "--config.total_steps=6", processes=1, devices=8)
+    run_processes("lm.train", f"--workdir={multi}", *RUN, "--config.total_steps=3")
+    resumed = run_processes("lm.train", f"--workdir={multi}", *RUN, "--config.total_steps=6")
+    return single, multi, resumed
+
+
+def test_two_processes_resume_and_match_one_process_on_eight_devices(runs):
+    single, multi, resumed = runs
+    assert "resumed from step 3" in resumed
+    assert "2 process(es)" in resumed
+    expected = {m["step"]: m["loss"] for m in metrics(single) if "loss" in m}
+    got = {m["step"]: m["loss"] for m in metrics(multi) if "loss" in m}
+    assert sorted(got) == list(range(1, 7))  # Process 0 alone writes, one line per step, no duplicates on resume.
+    np.testing.assert_allclose([got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-5)
+    data_files = sorted(os.listdir(os.path.join(multi, "checkpoints", "3", "data")))
+    assert [f for f in data_files if f.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_two_process_evaluation_agrees_with_one_process(runs):
+    single, multi, _ = runs
+    run_processes("lm.evaluate", f"--workdir={multi}")
+    with open(os.path.join(multi, "eval_6.json")) as f:
+        two_processes = json.load(f)
+    run_processes("lm.evaluate", f"--workdir={multi}", processes=1, devices=8)
+    with open(os.path.join(multi, "eval_6.json")) as f:
+        one_process = json.load(f)
+    np.testing.assert_allclose(two_processes["loss"], one_process["loss"], rtol=1e-5)
+    assert two_processes["tokens"] == one_process["tokens"] == 2 * 16 * 32
+    logged = next(m["eval_loss"] for m in metrics(single) if m["step"] == 6 and "eval_loss" in m)
+    np.testing.assert_allclose(one_process["loss"], logged, rtol=1e-5)
