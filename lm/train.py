@@ -18,6 +18,7 @@ import time
 
 from absl import app, flags, logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 from ml_collections import config_flags
@@ -44,16 +45,28 @@ _DEBUG_KILL_AFTER_SAVE = flags.DEFINE_integer(
     "this step (a kill while a checkpoint is being written).")
 
 
-class _Preempted:
-    """Set by SIGTERM (the preemption notice of cloud schedulers); the loop checks it after each step."""
+class _Preemption:
+    """SIGTERM, the preemption notice of cloud schedulers; the loop asks `reached(step)` after each step.
+
+    One process: a Python signal handler sets a flag. Several processes: the signal may reach them at different
+    steps, and saving is collective, so they must agree on the step: JAX's preemption service (started by
+    `jax.distributed.initialize`, which owns SIGTERM then) propagates the notice and names the first step every
+    process can still reach.
+    """
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self._requested = False
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
-        self.requested = True
+        self._requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._requested
+        return multihost_utils.reached_preemption_sync_point(step)
 
 
 def _log(message: str) -> None:
@@ -115,7 +128,7 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
     flops_per_token = flops.train_flops_per_token(config, config.data.seq_len)
     peak, peak_label = flops.peak_flops(jax.devices(), config.model.dtype)
     _log(f"MFU against {peak / 1e12:.3f} TFLOP/s ({peak_label}); {flops_per_token:.3e} train FLOPs per token")
-    preempted = _Preempted()
+    preemption = _Preemption()
     tokens_per_step = config.data.batch_size * config.data.seq_len
 
     def save(step):
@@ -171,7 +184,7 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
             progress.write(f"step {step}: eval loss {eval_metrics['eval_loss']:.4f}, "
                            f"perplexity {eval_metrics['eval_perplexity']:.2f}")
             interval_start, interval_steps = time.perf_counter(), 0  # Evaluation time is not training time.
-        if preempted.requested:
+        if preemption.reached(step):
             save(step)
             checkpoints.wait_until_finished()
             _log(f"SIGTERM: saved a checkpoint at step {step}, exiting")

@@ -3,9 +3,11 @@ program, and match a single process on 8 devices with the same global batch."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,16 +36,24 @@ def environment(devices):
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
 
 
-def run_processes(module, *args, processes=2, devices=4):
-    """Runs `python -m module args` as `processes` cooperating processes; returns process 0's stdout."""
+def start_processes(module, *args, processes=2, devices=4):
     port = free_port()
     extra = [] if processes == 1 else [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
-    procs = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, "-m", module, *args, *extra, *([] if processes == 1 else [f"--process_id={i}"])],
         env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(processes)]
+
+
+def run_processes(module, *args, processes=2, devices=4, on_start=None):
+    """Runs `python -m module args` as `processes` cooperating processes; returns process 0's stdout.
+
+    `on_start(procs)`, if given, is called once they are started (to signal them)."""
+    procs = start_processes(module, *args, processes=processes, devices=devices)
     outputs = []
     try:
+        if on_start:
+            on_start(procs)
         for proc in procs:
             outputs.append(proc.communicate(timeout=TIMEOUT))
     finally:
@@ -93,3 +103,23 @@ def test_two_process_evaluation_agrees_with_one_process(runs):
     assert two_processes["tokens"] == one_process["tokens"] == 2 * 16 * 32
     logged = next(m["eval_loss"] for m in metrics(single) if m["step"] == 6 and "eval_loss" in m)
     np.testing.assert_allclose(one_process["loss"], logged, rtol=1e-5)
+
+
+def test_sigterm_on_both_processes_saves_one_agreed_step_and_exits_zero(tmp_path):
+    workdir = str(tmp_path / "preempted")
+
+    def preempt_after_a_few_steps(procs):
+        deadline = time.time() + TIMEOUT
+        path = os.path.join(workdir, "metrics.jsonl")
+        while not (os.path.exists(path) and len(metrics(workdir)) >= 3) and time.time() < deadline:
+            time.sleep(0.5)
+        for proc in procs:  # Not at the same instant: the processes must still agree on one step.
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+
+    out = run_processes("lm.train", f"--workdir={workdir}", *RUN, "--config.total_steps=1000",
+                        "--config.checkpoint_every=1000", "--config.eval_every=1000",
+                        on_start=preempt_after_a_few_steps)
+    saved = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert len(saved) == 1 and f"SIGTERM: saved a checkpoint at step {saved[0]}, exiting" in out
+    assert 3 <= int(saved[0]) < 1000
