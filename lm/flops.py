@@ -99,12 +99,44 @@ PEAK_BF16_FLOPS = (
 )
 
 
+GiB = 2 ** 30
+
+# Memory (HBM) of one device in bytes, the vendors' nominal capacities, which are GiB: NVIDIA H100 80 GB (SXM and
+# PCIe; nvidia-smi shows 81,559 MiB), H200 141 GB, A100 40 GB and 80 GB (datasheets); Google Cloud TPU docs: v4 32 GiB,
+# v5e 16 GB, v5p 95 GB, v6e 32 GB. What a program can use is less: JAX's GPU allocator takes
+# XLA_PYTHON_CLIENT_MEM_FRACTION of it (0.75 unless set), and runtimes reserve some. Matched like PEAK_BF16_FLOPS.
+HBM_BYTES = (
+    ("H100", 80 * GiB),
+    ("H200", 141 * GiB),
+    ("A100-SXM4-40GB", 40 * GiB),
+    ("A100-PCIE-40GB", 40 * GiB),
+    ("A100", 80 * GiB),
+    ("TPU v4", 32 * GiB),
+    ("TPU v5 lite", 16 * GiB),
+    ("TPU v5e", 16 * GiB),
+    ("TPU v5p", 95 * GiB),
+    ("TPU v5", 95 * GiB),
+    ("TPU v6 lite", 32 * GiB),
+    ("TPU v6e", 32 * GiB),
+)
+
+
+def _lookup(table, device_kind: str):
+    """The value of the first key in `table` that is a substring of `device_kind` (case-insensitive), or None."""
+    for key, value in table:
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
 def device_peak_flops(device_kind: str) -> float | None:
     """Datasheet peak dense bf16 FLOP/s for a device kind, or None when the kind is not in the table."""
-    for key, peak in PEAK_BF16_FLOPS:
-        if key.lower() in device_kind.lower():
-            return peak
-    return None
+    return _lookup(PEAK_BF16_FLOPS, device_kind)
+
+
+def device_memory_bytes(device_kind: str) -> int | None:
+    """Nominal memory of one device of this kind in bytes (`HBM_BYTES`), or None when the kind is not in the table."""
+    return _lookup(HBM_BYTES, device_kind)
 
 
 def measure_matmul_flops(dtype="float32", size: int = 2048, repeats: int = 5) -> float:

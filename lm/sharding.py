@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from lm import config as lm_config
 
@@ -63,28 +63,45 @@ def _fill_sizes(sizes: dict[str, int], device_count: int, what: str) -> dict[str
     return sizes
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int) -> dict[str, tuple[int, int]]:
-    """(within-host ICI size, across-host DCN size) of each mesh axis; -1 in the ICI sizes fills the rest."""
+def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int,
+               granules: int = 1) -> dict[str, tuple[int, int]]:
+    """(within-host ICI size, across-host DCN size) of each mesh axis; -1 in the ICI sizes fills the rest.
+
+    `granules` is how many groups of devices the fast interconnect joins (hosts, or TPU slices; see `make_mesh`).
+    When there are several, each with several devices, and `config.mesh.dcn_*` are all 1 (not set), the data axis
+    crosses them (`dcn_data = granules`: data parallelism needs one gradient reduction per step, the traffic the
+    slow network can carry) and the ICI sizes describe one granule, so fsdp and tensor stay inside it. Sizes that
+    already multiply to every device are taken as they are.
+    """
     dcn = {axis: mesh_config.get(f"dcn_{axis}", 1) for axis in MESH_AXES}
+    ici = {axis: mesh_config[axis] for axis in MESH_AXES}
+    if all(size == 1 for size in dcn.values()) and 1 < granules < device_count and device_count % granules == 0:
+        per_granule = device_count // granules
+        known = math.prod(size for size in ici.values() if size != -1)
+        if known >= 1 and ((-1 in ici.values() and per_granule % known == 0) or known == per_granule):
+            dcn["data"] = granules
     dcn = _fill_sizes(dcn, math.prod(s for s in dcn.values() if s != -1), "config.mesh.dcn_*")
-    granules = math.prod(dcn.values())
-    if device_count % granules:
+    dcn_product = math.prod(dcn.values())
+    if device_count % dcn_product:
         raise lm_config.ConfigError(
-            f"config.mesh.dcn_*: {device_count} devices do not split into {granules} hosts/slices")
-    ici = _fill_sizes({axis: mesh_config[axis] for axis in MESH_AXES}, device_count // granules, "config.mesh")
+            f"config.mesh.dcn_*: {device_count} devices do not split into {dcn_product} hosts/slices")
+    ici = _fill_sizes(ici, device_count // dcn_product, "config.mesh")
     return {axis: (ici[axis], dcn[axis]) for axis in MESH_AXES}
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The (`data`, `fsdp`, `tensor`) mesh. Axes with a DCN size > 1 span hosts (or TPU slices); the rest of each
-    axis stays within a host, so tensor and FSDP traffic runs over the fast interconnect."""
+    axis stays within a host, so tensor and FSDP traffic runs over the fast interconnect. Without `dcn_*` sizes, a
+    run over several multi-device hosts or slices puts them on the data axis (`mesh_shape`)."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_config, len(devices))
+    # Granules: TPU slices (the hosts of one slice share its ICI); elsewhere (GPU hosts, CPU processes) each process
+    # is one. (GPU and CPU devices of a multi-process run carry a `slice_index` too, 0 for all: not granules.)
+    process_is_granule = devices[0].platform != "tpu"
+    granules = len({d.process_index if process_is_granule else d.slice_index for d in devices})
+    shape = mesh_shape(mesh_config, len(devices), granules)
     ici_shape = [shape[axis][0] for axis in MESH_AXES]
     dcn_shape = [shape[axis][1] for axis in MESH_AXES]
     if math.prod(dcn_shape) > 1:
-        # TPU slices are granules when present; elsewhere (GPU hosts, CPU processes) each process is one.
-        process_is_granule = not hasattr(devices[0], "slice_index")
         device_array = mesh_utils.create_hybrid_device_mesh(
             ici_shape, dcn_shape, devices, process_is_granule=process_is_granule)
     else:
@@ -148,9 +165,11 @@ class Shardings:
 
     Built from the boxed abstract parameters (`jax.eval_shape` of `lm.model.init`), which carry the logical names.
     `params`, `grads` and `opt_state` are pytrees of `NamedSharding`; `batch` shards `[batch, length]` arrays.
+    `mesh` may be a `jax.sharding.AbstractMesh` (sizes and names, no devices): `lm.preflight` sizes a run on a
+    target mesh that way, with the same placement the run will use.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, boxed_params, optimizer=None):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh, boxed_params, optimizer=None):
         self.mesh = mesh
         self.zero_stage = config.sharding.zero_stage
         self.rules = logical_rules(config)

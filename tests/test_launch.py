@@ -1,0 +1,219 @@
+"""Multi-process runs: lm.distributed, the default multi-host mesh, and the launch/ scripts.
+
+The multi-process tests start real local processes (CPU, gloo collectives, a free port on 127.0.0.1) through the
+launch scripts, with stand-ins for SLURM's `srun` and `scontrol`; every run has a timeout.
+"""
+
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from lm import config as lm_config
+from lm import distributed
+from lm import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch"]
+
+# Joins the run, builds the default mesh, gathers every process's index: prints one line per process.
+PROBE = textwrap.dedent("""\
+    from absl import app
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from lm import config as lm_config, distributed, sharding
+
+
+    def main(argv):
+        distributed.initialize()
+        distributed.initialize()  # A second call is a no-op.
+        mesh = sharding.make_mesh(lm_config.base_config().mesh)
+        owners = np.vectorize(lambda d: d.process_index)(mesh.devices)[:, :, 0].tolist()
+        gathered = multihost_utils.process_allgather(np.array([jax.process_index()])).ravel().tolist()
+        print(f"process {jax.process_index()}/{jax.process_count()} mesh {dict(mesh.shape)} owners {owners} "
+              f"gathered {gathered}")
+
+
+    app.run(main)
+    """)
+
+
+def run(args, env=None, timeout=120):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def probe(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text(PROBE)
+    return str(path)
+
+
+def cpu_env(devices_per_process):
+    """The environment of a child process: this Python's directory first, CPU devices, lm importable."""
+    return {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "PYTHONPATH": ROOT}
+
+
+def assert_two_processes_formed_one_run(output):
+    """Two processes of two devices: the data axis across them, fsdp within each, a collective across both."""
+    lines = sorted(re.sub(r"^\[\d\] ", "", line) for line in output.splitlines() if " mesh " in line)
+    assert lines == [f"process {i}/2 mesh {{'data': 2, 'fsdp': 2, 'tensor': 1}} owners [[0, 0], [1, 1]] "
+                     f"gathered [0, 1]" for i in range(2)], output
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_script_parses_and_prints_usage_without_gcloud_or_slurm(script):
+    assert run(["bash", "-n", script]).returncode == 0
+    usage = run(["bash", script, "--help"], env={"PATH": "/usr/bin:/bin"})
+    assert usage.returncode == 0, usage.stderr
+    assert usage.stdout.startswith("Usage: ") and "Example" in usage.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_script_passes_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (CI installs it: .ci/run)")
+    check = run(["shellcheck", script])
+    assert check.returncode == 0, check.stdout
+
+
+def test_local_sh_runs_one_two_process_run(probe):
+    result = run(["launch/local.sh", "--processes=2", "--devices_per_process=2", "--", "python", probe],
+                 env=cpu_env(1))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_two_processes_formed_one_run(result.stdout)
+    assert "[0] " in result.stdout and "[1] " in result.stdout
+
+
+def test_local_sh_stops_the_others_and_exits_with_the_failure(tmp_path):
+    script = tmp_path / "fail_or_wait.py"
+    script.write_text("import sys, time\n"
+                      "if '--process_id=1' in sys.argv: sys.exit(3)\n"
+                      "time.sleep(60)\n")
+    result = run(["launch/local.sh", "--processes=3", "--", sys.executable, str(script)], timeout=30)
+    assert result.returncode == 3
+    assert "a process exited with status 3; stopping the others" in result.stderr
+
+
+def test_local_sh_rejects_bad_options_in_one_line():
+    result = run(["launch/local.sh", "--processes=two", "--", "true"])
+    assert result.returncode == 2 and result.stderr == "local.sh: expected a positive integer, got 'two'\n"
+
+
+def fake_slurm(tmp_path, *, nodes, tasks):
+    """`srun` and `scontrol` stand-ins on PATH and the variables sbatch sets: srun starts `tasks` local processes
+    with the per-task variables, every node is 127.0.0.1."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(textwrap.dedent("""\
+        #!/usr/bin/env bash
+        while [[ "$1" == --* ]]; do shift; done
+        pids=()
+        for ((i = 0; i < SLURM_NTASKS; i++)); do
+          SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST "$@" &
+          pids+=("$!")
+        done
+        status=0
+        for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+        exit "$status"
+        """))
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(stat.S_IRWXU)
+    env = cpu_env(2)
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="127.0.0.1",
+               SLURM_NNODES=str(nodes), SLURM_NTASKS=str(tasks), JAX_COORDINATOR_PORT=str(free_port()))
+    return env
+
+
+def test_slurm_script_one_process_per_node_passes_the_run_to_lm_distributed(tmp_path, probe):
+    result = run(["bash", "launch/slurm.sbatch", "python", probe], env=fake_slurm(tmp_path, nodes=2, tasks=2))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_two_processes_formed_one_run(result.stdout)
+
+
+def test_slurm_script_one_process_per_gpu_is_detected_by_jax(tmp_path, probe):
+    result = run(["bash", "launch/slurm.sbatch", "python", probe], env=fake_slurm(tmp_path, nodes=1, tasks=2))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_two_processes_formed_one_run(result.stdout)
+
+
+def test_slurm_xla_flags_are_known_to_this_jaxlib():
+    """XLA aborts on a flag it does not know: a renamed flag would stop every GPU run at start."""
+    exports = run(["bash", "launch/slurm.sbatch", "--print_env"])
+    assert exports.returncode == 0
+    env = dict(line.removeprefix("export ").split("=", 1) for line in exports.stdout.splitlines())
+    xla_flags = env["XLA_FLAGS"].replace("\\ ", " ")
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in xla_flags
+    check = run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+                env={"XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"})
+    assert check.returncode == 0 and check.stdout == "3.0\n", check.stderr[-2000:]
+
+
+def test_default_mesh_puts_hosts_on_the_data_axis():
+    mesh = lm_config.base_config().mesh  # data=1, fsdp=-1, tensor=1, dcn_* = 1
+    assert sharding.mesh_shape(mesh, 8) == {"data": (1, 1), "fsdp": (8, 1), "tensor": (1, 1)}
+    # Two hosts of 8: data crosses them, fsdp stays inside each.
+    assert sharding.mesh_shape(mesh, 16, granules=2) == {"data": (1, 2), "fsdp": (8, 1), "tensor": (1, 1)}
+    # One device per process (one process per GPU): no host structure to exploit, sizes as given.
+    assert sharding.mesh_shape(mesh, 16, granules=16) == {"data": (1, 1), "fsdp": (16, 1), "tensor": (1, 1)}
+    explicit = lm_config.base_config().mesh
+    explicit.update(data=2, fsdp=4, tensor=2)  # Per-host sizes: 2 hosts of 16.
+    assert sharding.mesh_shape(explicit, 32, granules=2) == {"data": (2, 2), "fsdp": (4, 1), "tensor": (2, 1)}
+    explicit.update(data=2, fsdp=8, tensor=2)  # Sizes of the whole run are taken as given.
+    assert sharding.mesh_shape(explicit, 32, granules=2) == {"data": (2, 1), "fsdp": (8, 1), "tensor": (2, 1)}
+    explicit.update(data=1, fsdp=-1, tensor=1, dcn_fsdp=2)  # dcn_* given: followed.
+    assert sharding.mesh_shape(explicit, 16, granules=2) == {"data": (1, 1), "fsdp": (8, 2), "tensor": (1, 1)}
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"LM_NUM_PROCESSES": "2"}, "--num_processes=2 needs --coordinator_address=HOST:PORT"),
+    ({"LM_NUM_PROCESSES": "2", "LM_COORDINATOR_ADDRESS": "10.0.0.1"}, "needs --coordinator_address=HOST:PORT"),
+    ({"LM_NUM_PROCESSES": "2", "LM_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "needs --process_id"),
+    ({"LM_NUM_PROCESSES": "2", "LM_COORDINATOR_ADDRESS": "10.0.0.1:1234", "LM_PROCESS_ID": "2"},
+     r"--process_id=2 must be in 0 \.\. 1"),
+    ({"LM_NUM_PROCESSES": "two"}, r"\$LM_NUM_PROCESSES='two' must be an integer"),
+    ({"LM_PROCESS_ID": "1"}, "need --num_processes"),
+    ({"LM_NUM_PROCESSES": "0"}, "must be at least 1"),
+])
+def test_inconsistent_process_settings_fail_in_one_line(monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.DistributedError, match=message) as error:
+        distributed.initialize()
+    assert "\n" not in str(error.value)
+
+
+def test_single_process_settings_and_a_one_task_slurm_job_start_nothing(monkeypatch):
+    monkeypatch.setenv("LM_NUM_PROCESSES", "1")
+    distributed.initialize()
+    monkeypatch.delenv("LM_NUM_PROCESSES")
+    for name, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node001", "SLURM_NTASKS": "1",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detected_cluster() == ("slurm", 1)
+    distributed.initialize()
+    assert not jax.distributed.is_initialized()
+
+
+def test_no_cluster_is_detected_on_a_plain_machine(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_")):
+            monkeypatch.delenv(name)
+    assert distributed.detected_cluster() is None

@@ -1,0 +1,155 @@
+"""The pre-flight check: exact per-device train state, the activation estimate, FLOPs, step time and the CLI."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import config as lm_config
+from lm import model as model_lib
+from lm import preflight
+
+FSDP_64 = {"data": 1, "fsdp": 64, "tensor": 1}
+
+
+def llama_8b_by_hand(config):
+    """Parameter and matmul-weight counts of configs/llama_8b.py written out from its dims (not via lm.flops)."""
+    m = config.model
+    d, n, g, f, h = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, m.d_model // m.num_heads
+    attention = d * n * h + 2 * d * g * h + n * h * d  # query, key + value (GQA), output
+    mlp = 3 * d * f  # SwiGLU: gate, up, down
+    norms = 2 * d  # two RMSNorm scales per layer
+    parameters = m.num_layers * (attention + mlp + norms) + m.vocab_size * d + d + d * m.vocab_size  # + embedding,
+    matmul_weights = m.num_layers * (attention + mlp) + d * m.vocab_size  # final norm, untied head
+    return parameters, matmul_weights
+
+
+@pytest.fixture(scope="module")
+def llama_8b():
+    config = lm_config.load("configs/llama_8b.py")
+    return config, preflight.estimate(config, FSDP_64, device="h100", mfu=0.4)
+
+
+def test_llama_8b_on_64_devices_matches_hand_arithmetic(llama_8b):
+    config, result = llama_8b
+    assert config.sharding.zero_stage == 3 and config.model.param_dtype == "float32"
+    assert config.optim.optimizer == "adamw"
+    parameters, _ = llama_8b_by_hand(config)
+    assert result.parameters == parameters
+    assert parameters == pytest.approx(8.0e9, rel=0.05)
+    fp32_shard = 4 * parameters / 64  # Every leaf is split 64 ways at stage 3 (the smallest has 4,096 elements).
+    print(f"per device: params {result.state.params / 1e9:.3f} GB, grads {result.state.grads / 1e9:.3f} GB, "
+          f"optimizer state {result.state.opt_state / 1e9:.3f} GB (hand: {fp32_shard / 1e9:.3f}, "
+          f"{fp32_shard / 1e9:.3f}, {2 * fp32_shard / 1e9:.3f})")
+    assert result.state.params == pytest.approx(fp32_shard, rel=0.05)
+    assert result.state.grads == pytest.approx(fp32_shard, rel=0.05)
+    assert result.state.opt_state == pytest.approx(2 * fp32_shard, rel=0.05)  # AdamW: mu and nu.
+    assert result.state.params / 1e9 == pytest.approx(0.5, rel=0.05)
+    assert result.state.grads / 1e9 == pytest.approx(0.5, rel=0.05)
+    assert result.state.opt_state / 1e9 == pytest.approx(1.0, rel=0.05)
+
+
+def test_stage_table_shards_one_more_part_per_zero_stage(llama_8b):
+    config, result = llama_8b
+    parameters, _ = llama_8b_by_hand(config)
+    full, shard = 4 * parameters, 4 * parameters / 64
+    expected = {0: (full, full, 2 * full), 1: (full, full, 2 * shard), 2: (full, shard, 2 * shard),
+                3: (shard, shard, 2 * shard)}
+    for stage, (params, grads, opt_state) in expected.items():
+        memory = result.stages[stage]
+        assert (memory.params, memory.grads, memory.opt_state) == pytest.approx((params, grads, opt_state), rel=1e-3)
+
+
+def test_flops_and_step_time_follow_the_config(llama_8b):
+    config, result = llama_8b
+    m, seq_len = config.model, config.data.seq_len
+    _, matmul_weights = llama_8b_by_hand(config)
+    # 6 FLOPs per weight per token (forward + backward), causal attention over (T + 1) / 2 keys per query.
+    flops_per_token = 6 * matmul_weights + 3 * 4 * m.num_layers * m.d_model * (seq_len + 1) / 2
+    tokens = config.data.batch_size * seq_len
+    assert result.flops_per_step == pytest.approx(flops_per_token * tokens, rel=1e-9)
+    assert result.step_time == pytest.approx(flops_per_token * tokens / (64 * 989.4e12 * 0.4), rel=1e-9)
+
+
+def test_warns_when_the_total_exceeds_device_memory(llama_8b):
+    config, result = llama_8b
+    # 8 rows of 8192 tokens per device, every projection output kept (dots_no_batch): far beyond 80 GiB.
+    assert not result.fits
+    assert "WARNING" in preflight.report(config, result)
+    smaller = lm_config.load("configs/llama_8b.py", **{"optim.microbatches": 8, "model.remat_policy": "full"})
+    fitting = preflight.estimate(smaller, FSDP_64, device="h100")
+    assert fitting.fits and fitting.total < result.total / 10
+    assert "WARNING" not in preflight.report(smaller, fitting)
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_no_batch"])
+def test_activation_estimate_matches_what_jax_saves_for_the_backward_pass(policy):
+    """The analytic 'kept for the backward pass' term against the residuals JAX's autodiff actually saves."""
+    try:
+        from jax._src.ad_checkpoint import saved_residuals
+    except ImportError:
+        pytest.skip("this JAX has no saved_residuals")
+    batch, seq_len = 2, 64
+    config = lm_config.load("configs/tiny.py", **{
+        "model.remat_policy": policy, "model.dtype": "bfloat16", "model.attention": "xla", "model.num_layers": 3,
+        "data.batch_size": batch, "data.seq_len": seq_len})
+    model = model_lib.build(config)
+    params = nn.unbox(jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0))))
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    residuals = saved_residuals(lambda p, t: model.apply({"params": p}, t), params, tokens)
+    saved = sum(int(np.prod(aval.shape)) * aval.dtype.itemsize for aval, why in residuals if "argument" not in why)
+    estimated = preflight.activation_bytes(config, {"data": 1, "fsdp": 1, "tensor": 1}, "xla")
+    kept = estimated["layers, kept for the backward pass"]
+    print(f"{policy}: JAX saves {saved:,} bytes, the estimate keeps {kept:,}")
+    assert kept == pytest.approx(saved, rel=0.1)
+
+
+def test_mesh_and_device_arguments_fail_in_one_line():
+    assert dict(preflight.parse_mesh("fsdp=64")) == FSDP_64
+    for text, message in [("data=2,fsdp=x", "must be an integer"), ("model=2", "names no mesh axis"),
+                          ("data=2,data=2", "repeats")]:
+        with pytest.raises(preflight.PreflightError, match=message) as error:
+            preflight.parse_mesh(text)
+        assert "\n" not in str(error.value)
+    assert preflight.device_kind("TPU-v5e") == "TPU v5 lite"
+    assert preflight.device_kind("A100_80GB") == "NVIDIA A100-SXM4-80GB"
+    with pytest.raises(preflight.PreflightError, match="--device='b200' is not one of h100"):
+        preflight.device_kind("b200")
+    config = lm_config.load("configs/tiny.py")
+    with pytest.raises(preflight.PreflightError, match="fsdp=-1.*--devices"):
+        preflight.mesh_sizes(config.mesh)
+    assert preflight.mesh_sizes(config.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    with pytest.raises(lm_config.ConfigError, match="divisible by the data-parallel size"):
+        preflight.estimate(config, {"data": 3, "fsdp": 1, "tensor": 1})
+
+
+def run_cli(*args):
+    # One CPU device, as on a laptop: the pre-flight must not need the target's devices, real or simulated.
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": ""}
+    return subprocess.run([sys.executable, "-m", "lm.preflight", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_cli_reports_llama_8b_on_64_h100s_from_one_cpu_device():
+    run = run_cli("--config=configs/llama_8b.py", "--mesh=data=1,fsdp=64,tensor=1", "--device=h100", "--mfu=0.4")
+    print(run.stdout)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "parameters: 8,030,261,248 (8.03 B)" in lines
+    assert "  parameters            0.502" in lines
+    assert "  gradients             0.502" in lines
+    assert "  optimizer state       1.004" in lines
+    assert any(line.startswith("step time at 40% MFU: ") for line in lines)
+    assert lines[-1].startswith("WARNING: ")
+
+
+def test_cli_rejects_a_bad_mesh_in_one_line():
+    run = run_cli("--config=configs/tiny.py", "--mesh=data=2,fsdp=many")
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: --mesh='data=2,fsdp=many': the size of fsdp must be an integer, got 'many'")
