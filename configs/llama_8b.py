@@ -23,6 +23,9 @@ def get_config():
     c.sharding.zero_stage = 3
     c.data.seq_len = 8192
     c.data.batch_size = 512
+    # 8 micro-batches of 1 x 8192 tokens per device on 64 devices: `python -m lm.preflight --config=configs/llama_8b.py
+    # --mesh=fsdp=64 --device=h100` estimates 28.8 GB per device (206 GB in one micro-batch).
+    c.optim.microbatches = 8
     c.data.tokenizer.vocab_size = 128_256
     c.optim.learning_rate = 3e-4
     c.optim.warmup_steps = 2000

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ import orbax.checkpoint as ocp
 from lm import config as lm_config
 from lm import model as model_lib
 from lm import optim
+from lm import paths
 from lm import sharding as sharding_lib
 
 CONFIG_FILE = "config.json"
@@ -47,19 +47,16 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes `workdir/config.json` atomically (a crash never leaves a half-written file)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    paths.write_atomic(paths.resolve(workdir, CONFIG_FILE),
+                       json.dumps(config_to_dict(config), indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in `workdir` was started with."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = paths.resolve(workdir, CONFIG_FILE)
+    if not path.exists():
         raise CheckpointError(f"{path} does not exist: {workdir!r} is not an lm workdir")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(path.read_text())
     config = lm_config.base_config()
     _merge(config, saved)
     return config
@@ -80,8 +77,7 @@ def _merge(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
 
 def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Raises if `workdir` holds a run whose model differs from `config.model` (its checkpoints would not fit)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not paths.resolve(workdir, CONFIG_FILE).exists():
         return
     saved = read_config(workdir).model.to_dict()
     current = config.model.to_dict()
@@ -97,7 +93,7 @@ def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Checkpo
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options,
+        paths.resolve(workdir, CHECKPOINT_DIR), options=options,
         item_names=("state", "data", "config"))
 
 
@@ -208,10 +204,10 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
     """A manager over `workdir/checkpoints` for reading (it never saves).
 
     Raises CheckpointError unless the directory holds a complete checkpoint."""
-    if not os.path.isdir(workdir):
+    if not paths.resolve(workdir).is_dir():
         raise CheckpointError(f"workdir {workdir!r} does not exist")
-    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    if not os.path.isdir(directory):
+    directory = paths.resolve(workdir, CHECKPOINT_DIR)
+    if not directory.is_dir():
         raise CheckpointError(f"{workdir} has no checkpoints ({directory} does not exist)")
     checkpoints = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(create=False),

@@ -31,6 +31,7 @@ from lm import checkpoint
 from lm import distributed
 from lm import config as lm_config
 from lm import model as model_lib
+from lm import paths
 from lm import sharding as sharding_lib
 from lm import train_step as train_step_lib
 from lm.data import pipeline, sources
@@ -119,11 +120,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, config: ml_collec
     restored = checkpoint.restore(workdir, step, config=config)
     results = evaluate(restored.config, restored.params, workdir=workdir, shardings=restored.shardings)
     if jax.process_index() == 0:
-        path = os.path.join(workdir, f"eval_{restored.step}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"step": restored.step, "split": restored.config.data.eval_split,
-                       "eval_steps": restored.config.eval_steps, **results}, f, indent=2)
-        os.replace(path + ".tmp", path)
+        paths.write_atomic(paths.resolve(workdir, f"eval_{restored.step}.json"), json.dumps(
+            {"step": restored.step, "split": restored.config.data.eval_split,
+             "eval_steps": restored.config.eval_steps, **results}, indent=2))
     return restored.step, results
 
 

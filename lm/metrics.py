@@ -1,6 +1,7 @@
 """Metric logging: `workdir/metrics.jsonl` (one JSON object per logged step) and TensorBoard event files beside it.
 
-Only process 0 writes. TensorBoard files are written with the `tensorboard` package's own event writer, so logging
+Only process 0 writes. A bucket (`gs://`) cannot append to an object, so there the whole file is rewritten at each
+write (it is small: a line per logged step). TensorBoard files are written with the `tensorboard` package's own event writer, so logging
 needs no TensorFlow (GPU images do not have it).
 """
 
@@ -12,6 +13,8 @@ import time
 
 import jax
 
+from lm import paths
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -21,16 +24,16 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = paths.resolve(workdir, METRICS_FILE)
+        self._remote = paths.is_remote(workdir)
+        self._lines: list[str] = []
         self._tensorboard = None
         if not self.enabled:
             return
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+        if self.path.exists():
+            self._lines = [line + "\n" for line in self.path.read_text().splitlines()
+                           if line.strip() and json.loads(line)["step"] <= resume_step]
+            paths.write_atomic(self.path, "".join(self._lines))
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self._tensorboard = EventFileWriter(os.path.join(workdir, "tensorboard"))
@@ -39,8 +42,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         summary = summary_pb2.Summary(value=[
@@ -54,5 +62,5 @@ class MetricsWriter:
 
 def read(workdir: str) -> list[dict[str, float]]:
     """All records of `workdir/metrics.jsonl`."""
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = paths.resolve(workdir, METRICS_FILE).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -29,6 +29,7 @@ from lm import evaluate as evaluate_lib
 from lm import config as lm_config
 from lm import flops
 from lm import metrics as metrics_lib
+from lm import paths
 from lm import sharding as sharding_lib
 from lm import train_step as train_step_lib
 from lm.data import pipeline, sources
@@ -94,7 +95,7 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
 
     The keyword options are the CLI flags of the same names (`--profile_steps=START:STOP` is a pair here)."""
     lm_config.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
     checkpoint.check_same_model(workdir, config)
     training = train_step_lib.build(config)
     mesh, shardings = training.mesh, training.shardings

@@ -28,13 +28,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 
+from etils import epath
 import ml_collections
 import sentencepiece as spm
 
+from lm import paths
 from lm.config import ConfigError
 from lm.data import sources
 
@@ -73,11 +74,10 @@ def check_vocab_size(tokenizer: spm.SentencePieceProcessor | int, config: ml_col
 
 
 def load(path: str) -> spm.SentencePieceProcessor:
-    """Loads a SentencePiece `.model` file."""
-    if not os.path.isfile(path):
+    """Loads a SentencePiece `.model` file (local or in a bucket)."""
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"SentencePiece model {path!r} (config.data.tokenizer.path) does not exist")
-    with open(path, "rb") as f:
-        return spm.SentencePieceProcessor(model_proto=f.read())
+    return spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
 
 
 def training_settings(config: ml_collections.ConfigDict, max_chars: int = DEFAULT_MAX_CHARS) -> dict:
@@ -157,8 +157,8 @@ def get_tokenizer(config: ml_collections.ConfigDict, *, workdir: str | None = No
     """
     if config.data.source == "synthetic":
         raise ConfigError("config.data.source='synthetic' uses no tokenizer")
-    in_workdir = os.path.join(workdir, WORKDIR_FILENAME) if workdir else None
-    if in_workdir and os.path.isfile(in_workdir):
+    in_workdir = str(paths.resolve(workdir, WORKDIR_FILENAME)) if workdir else None
+    if in_workdir and epath.Path(in_workdir).is_file():
         path = in_workdir
     elif config.data.tokenizer.path:
         path = config.data.tokenizer.path
@@ -169,8 +169,8 @@ def get_tokenizer(config: ml_collections.ConfigDict, *, workdir: str | None = No
     tokenizer = load(path)
     check_vocab_size(tokenizer, config)
     if in_workdir and path != in_workdir:
-        os.makedirs(workdir, exist_ok=True)
-        shutil.copyfile(path, in_workdir)
+        paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
+        paths.write_atomic(epath.Path(in_workdir), tokenizer.serialized_model_proto())
     return tokenizer
 
 
