@@ -5,7 +5,6 @@ launch scripts, with stand-ins for SLURM's `srun` and `scontrol`; every run has 
 """
 
 import os
-import re
 import shutil
 import socket
 import stat
@@ -23,8 +22,11 @@ from lm import sharding
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch"]
 
-# Joins the run, builds the default mesh, gathers every process's index: prints one line per process.
+# Joins the run, builds the default mesh, gathers every process's index; each process prints its line and writes it
+# to $PROBE_OUT/<index>.txt (the processes share one stdout, where gloo's messages can land mid-line).
 PROBE = textwrap.dedent("""\
+    import os
+
     from absl import app
     import jax
     import numpy as np
@@ -38,8 +40,11 @@ PROBE = textwrap.dedent("""\
         mesh = sharding.make_mesh(lm_config.base_config().mesh)
         owners = np.vectorize(lambda d: d.process_index)(mesh.devices)[:, :, 0].tolist()
         gathered = multihost_utils.process_allgather(np.array([jax.process_index()])).ravel().tolist()
-        print(f"process {jax.process_index()}/{jax.process_count()} mesh {dict(mesh.shape)} owners {owners} "
-              f"gathered {gathered}")
+        line = (f"process {jax.process_index()}/{jax.process_count()} mesh {dict(mesh.shape)} owners {owners} "
+                f"gathered {gathered}")
+        print(line)
+        with open(os.path.join(os.environ["PROBE_OUT"], f"{jax.process_index()}.txt"), "w") as f:
+            f.write(line)
 
 
     app.run(main)
@@ -64,15 +69,17 @@ def probe(tmp_path):
     return str(path)
 
 
-def cpu_env(devices_per_process):
-    """The environment of a child process: this Python's directory first, CPU devices, lm importable."""
+def cpu_env(devices_per_process, probe_out):
+    """The environment of a child process: this Python's directory first, CPU devices, lm importable, and where the
+    probe writes its lines."""
     return {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "PYTHONPATH": ROOT}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "PYTHONPATH": ROOT,
+            "PROBE_OUT": str(probe_out)}
 
 
-def assert_two_processes_formed_one_run(output):
+def assert_two_processes_formed_one_run(probe_out, output):
     """Two processes of two devices: the data axis across them, fsdp within each, a collective across both."""
-    lines = sorted(re.sub(r"^\[\d\] ", "", line) for line in output.splitlines() if " mesh " in line)
+    lines = [(probe_out / f"{i}.txt").read_text() if (probe_out / f"{i}.txt").exists() else None for i in range(2)]
     assert lines == [f"process {i}/2 mesh {{'data': 2, 'fsdp': 2, 'tensor': 1}} owners [[0, 0], [1, 1]] "
                      f"gathered [0, 1]" for i in range(2)], output
 
@@ -93,11 +100,11 @@ def test_launch_script_passes_shellcheck(script):
     assert check.returncode == 0, check.stdout
 
 
-def test_local_sh_runs_one_two_process_run(probe):
+def test_local_sh_runs_one_two_process_run(probe, tmp_path):
     result = run(["launch/local.sh", "--processes=2", "--devices_per_process=2", "--", "python", probe],
-                 env=cpu_env(1))
+                 env=cpu_env(1, tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert_two_processes_formed_one_run(result.stdout)
+    assert_two_processes_formed_one_run(tmp_path, result.stdout)
     assert "[0] " in result.stdout and "[1] " in result.stdout
 
 
@@ -136,7 +143,7 @@ def fake_slurm(tmp_path, *, nodes, tasks):
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(stat.S_IRWXU)
-    env = cpu_env(2)
+    env = cpu_env(2, tmp_path)
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="127.0.0.1",
                SLURM_NNODES=str(nodes), SLURM_NTASKS=str(tasks), JAX_COORDINATOR_PORT=str(free_port()))
     return env
@@ -145,13 +152,13 @@ def fake_slurm(tmp_path, *, nodes, tasks):
 def test_slurm_script_one_process_per_node_passes_the_run_to_lm_distributed(tmp_path, probe):
     result = run(["bash", "launch/slurm.sbatch", "python", probe], env=fake_slurm(tmp_path, nodes=2, tasks=2))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert_two_processes_formed_one_run(result.stdout)
+    assert_two_processes_formed_one_run(tmp_path, result.stdout)
 
 
 def test_slurm_script_one_process_per_gpu_is_detected_by_jax(tmp_path, probe):
     result = run(["bash", "launch/slurm.sbatch", "python", probe], env=fake_slurm(tmp_path, nodes=1, tasks=2))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert_two_processes_formed_one_run(result.stdout)
+    assert_two_processes_formed_one_run(tmp_path, result.stdout)
 
 
 def test_slurm_xla_flags_are_known_to_this_jaxlib():
