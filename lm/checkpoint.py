@@ -21,17 +21,16 @@ import dataclasses
 import json
 from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from lm import config as lm_config
-from lm import model as model_lib
 from lm import optim
 from lm import paths
 from lm import sharding as sharding_lib
+from lm import train_step as train_step_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -175,27 +174,25 @@ def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | Non
         match the checkpoint's; the message says which.
     """
     checkpoints = _reader(workdir)
-    config = read_config(workdir) if config is None else config
-    steps = checkpoints.all_steps()
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise CheckpointError(f"step {step} is not among the checkpoints kept in {workdir}: {sorted(steps)}")
-
-    mesh = default_mesh(config) if mesh is None else mesh
-    model = model_lib.build(config)
-    optimizer = optim.make_optimizer(config) if optimizer_state else None
-    boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
-    shardings = sharding_lib.Shardings(config, mesh, boxed_params, optimizer)
-    target = {"params": _abstract(nn.unbox(boxed_params), shardings.params)}
-    if optimizer_state:
-        abstract_opt_state = jax.eval_shape(optimizer.init, target["params"])
-        target["opt_state"] = _abstract(abstract_opt_state, shardings.opt_state)
-    _check_shapes(checkpoints.item_metadata(step).state, {"params": target["params"]}, workdir, step)
-    restored = checkpoints.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-    checkpoints.close()
+    try:
+        config = read_config(workdir) if config is None else config
+        steps = checkpoints.all_steps()
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise CheckpointError(f"step {step} is not among the checkpoints kept in {workdir}: {sorted(steps)}")
+        mesh = default_mesh(config) if mesh is None else mesh
+        optimizer = optim.make_optimizer(config) if optimizer_state else None
+        shardings = train_step_lib.model_shardings(config, mesh, optimizer)
+        target = {"params": _abstract(shardings.abstract_params, shardings.params)}
+        if optimizer_state:
+            target["opt_state"] = _abstract(jax.eval_shape(optimizer.init, target["params"]), shardings.opt_state)
+        _check_shapes(checkpoints.item_metadata(step).state, {"params": target["params"]}, workdir, step)
+        restored = checkpoints.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    finally:
+        checkpoints.close()
     state = restored.state
     return Restored(config, state["params"], step, shardings, state.get("opt_state"))
 

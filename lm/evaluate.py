@@ -62,13 +62,10 @@ def evaluate(config: ml_collections.ConfigDict, params, *, workdir: str | None =
       `loss` (mean nats per token), `perplexity`, `accuracy`, `tokens`, and when the data has a tokenizer `bytes`
       and `bits_per_byte`.
     """
-    model = model_lib.build(config)
     if shardings is None:
-        mesh = checkpoint.mesh_of(params, config)
-        boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
-        shardings = sharding_lib.Shardings(config, mesh, boxed_params)
+        shardings = train_step_lib.model_shardings(config, checkpoint.mesh_of(params, config))
     if eval_step is None:
-        eval_step = train_step_lib.make_eval_step(config, model, shardings)
+        eval_step = train_step_lib.make_eval_step(config, model_lib.build(config), shardings)
     iterator = pipeline.make_eval_iterator(config, workdir=workdir)
     bytes_per_id = None if iterator.tokenizer is None else piece_bytes(iterator.tokenizer, config.model.vocab_size)
     totals, text_bytes = None, 0.0

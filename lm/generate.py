@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 from absl import app, flags, logging
 import flax.linen as nn
@@ -32,7 +31,7 @@ from lm import checkpoint
 from lm import distributed
 from lm import config as lm_config
 from lm import model as model_lib
-from lm import sharding as sharding_lib
+from lm import train_step as train_step_lib
 from lm.data import sources
 from lm.data import tokenizer as tokenizer_lib
 
@@ -120,11 +119,11 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
     if config.model.position_embedding == "learned" and longest + max_new_tokens > config.model.max_seq_len:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"config.model.max_seq_len={config.model.max_seq_len} of the learned position table")
-    mesh = mesh or checkpoint.mesh_of(params, config)
-    batch_axes = sharding_lib.logical_rules(config)
+    shardings = train_step_lib.model_shardings(config, mesh or checkpoint.mesh_of(params, config))
     rows = len(prompts)
-    # Rows are padded to a multiple of the devices the batch axis is split over (the padding rows are dropped).
-    batch_shards = _batch_shards(mesh, batch_axes)
+    # Rows are padded to a multiple of the pieces the batch sharding cuts them into (the padding rows are dropped).
+    devices = shardings.batch.mesh.size
+    batch_shards = devices // shardings.batch.shard_shape((devices, 1))[0]
     batch = -(-rows // batch_shards) * batch_shards
     prompt_bp = np.full((batch, prompt_length), pad_id, np.int32)
     start_b = np.full((batch,), prompt_length - 1, np.int32)
@@ -132,8 +131,6 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
         prompt_bp[b, prompt_length - len(prompt):] = prompt
         start_b[b] = prompt_length - len(prompt)
     prompt_bp[rows:, -1] = prompts[0][-1]
-    boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
-    shardings = sharding_lib.Shardings(config, mesh, boxed_params)
     with shardings.activation_rules():
         tokens_bn, _ = _generate(
             nn.unbox(params), jax.device_put(prompt_bp, shardings.batch), jnp.asarray(start_b),
@@ -143,12 +140,6 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
     for row in np.asarray(jax.device_get(tokens_bn))[:rows].tolist():
         completions.append(row[:row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
     return completions
-
-
-def _batch_shards(mesh: jax.sharding.Mesh, rules) -> int:
-    axes = dict(rules).get("batch")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
 
 
 def generate_text(config: ml_collections.ConfigDict, params, tokenizer, prompts: list[str], *, max_new_tokens: int,

@@ -1,8 +1,8 @@
 """Metric logging: `workdir/metrics.jsonl` (one JSON object per logged step) and TensorBoard event files beside it.
 
 Only process 0 writes. A bucket (`gs://`) cannot append to an object, so there the whole file is rewritten at each
-write (it is small: a line per logged step). TensorBoard files are written with the `tensorboard` package's own event writer, so logging
-needs no TensorFlow (GPU images do not have it).
+write (it is small: a line per logged step). TensorBoard files are written with the `tensorboard` package's own event
+writer, so logging needs no TensorFlow (GPU images do not have it).
 """
 
 from __future__ import annotations

@@ -164,7 +164,8 @@ class Shardings:
     """Every `NamedSharding` a training run needs, for one config, mesh and ZeRO stage.
 
     Built from the boxed abstract parameters (`jax.eval_shape` of `lm.model.init`), which carry the logical names.
-    `params`, `grads` and `opt_state` are pytrees of `NamedSharding`; `batch` shards `[batch, length]` arrays.
+    `params`, `grads` and `opt_state` are pytrees of `NamedSharding`; `batch` shards `[batch, length]` arrays;
+    `abstract_params` are the parameters' `ShapeDtypeStruct`s (unboxed).
     `mesh` may be a `jax.sharding.AbstractMesh` (sizes and names, no devices): `lm.preflight` sizes a run on a
     target mesh that way, with the same placement the run will use.
     """
@@ -178,7 +179,7 @@ class Shardings:
         tensor_rules = _without_axes(self.rules, DATA_AXES)
         is_spec = lambda x: isinstance(x, P)
         logical_specs = nn.get_partition_spec(boxed_params)
-        self._abstract_params = nn.unbox(boxed_params)
+        self.abstract_params = nn.unbox(boxed_params)
 
         def tensor_parallel(logical: P, leaf) -> P:
             return _divisible_spec(nn.logical_to_mesh_axes(logical, tensor_rules), leaf.shape, mesh)
@@ -188,8 +189,8 @@ class Shardings:
             layers_dims = [i for i, name in enumerate(logical) if name == "layers"]
             return zero_spec(tensor_parallel(logical, leaf), leaf.shape, mesh, skip_dims=layers_dims)
 
-        tp_specs = jax.tree.map(tensor_parallel, logical_specs, self._abstract_params, is_leaf=is_spec)
-        zero_specs = jax.tree.map(partitioned, logical_specs, self._abstract_params, is_leaf=is_spec)
+        tp_specs = jax.tree.map(tensor_parallel, logical_specs, self.abstract_params, is_leaf=is_spec)
+        zero_specs = jax.tree.map(partitioned, logical_specs, self.abstract_params, is_leaf=is_spec)
         to_named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
         self.params = to_named(zero_specs if self.zero_stage >= 3 else tp_specs)
         self.grads = to_named(zero_specs if self.zero_stage >= 2 else tp_specs)
@@ -206,7 +207,7 @@ class Shardings:
 
     def optimizer_state(self, optimizer: optax.GradientTransformation):
         """Shardings of `optimizer.init(params)`: partitioned over the data axes from stage 1 on."""
-        abstract_state = jax.eval_shape(optimizer.init, self._abstract_params)
+        abstract_state = jax.eval_shape(optimizer.init, self.abstract_params)
 
         def other_leaf(leaf):
             spec = P(*([None] * np.ndim(leaf)))
@@ -222,7 +223,7 @@ class Shardings:
             return NamedSharding(self.mesh, spec)
 
         return optax.tree_utils.tree_map_params(
-            optimizer, param_like_leaf, abstract_state, self._state_specs, self._abstract_params,
+            optimizer, param_like_leaf, abstract_state, self._state_specs, self.abstract_params,
             transform_non_params=other_leaf, is_leaf=lambda x: isinstance(x, P))
 
 

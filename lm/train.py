@@ -34,18 +34,6 @@ from lm import sharding as sharding_lib
 from lm import train_step as train_step_lib
 from lm.data import pipeline, sources
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.", required=True)
-_PRINT_SHARDING = flags.DEFINE_bool("print_sharding", False, "Print the full per-leaf sharding table.")
-_PROFILE_STEPS = flags.DEFINE_string(
-    "profile_steps", "", "START:STOP records a jax.profiler trace of those steps into WORKDIR/profile.")
-_DEBUG_NAN_STEPS = flags.DEFINE_list(
-    "debug_nan_steps", [], "Test hook: steps whose batch weights are set to NaN (a non-finite loss).")
-_DEBUG_KILL_AFTER_SAVE = flags.DEFINE_integer(
-    "debug_kill_after_save_step", None, "Test hook: SIGKILL this process right after starting the async save of "
-    "this step (a kill while a checkpoint is being written).")
-
-
 class _Preemption:
     """SIGTERM, the preemption notice of cloud schedulers; the loop asks `reached(step)` after each step.
 
@@ -206,22 +194,38 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
     return last
 
 
+def define_flags() -> None:
+    """The CLI's flags; defined only when run as a program, so importing this module defines none."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.", required=True)
+    flags.DEFINE_bool("print_sharding", False, "Print the full per-leaf sharding table.")
+    flags.DEFINE_string(
+        "profile_steps", "", "START:STOP records a jax.profiler trace of those steps into WORKDIR/profile.")
+    flags.DEFINE_list(
+        "debug_nan_steps", [], "Test hook: steps whose batch weights are set to NaN (a non-finite loss).")
+    flags.DEFINE_integer(
+        "debug_kill_after_save_step", None, "Test hook: SIGKILL this process right after starting the async save "
+        "of this step (a kill while a checkpoint is being written).")
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and read at INFO.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (data code only) startup chatter.
-    if _CONFIG.value is None:
+    FLAGS = flags.FLAGS
+    if FLAGS.config is None:
         raise app.UsageError("--config=configs/NAME.py is required")
     try:
         distributed.initialize()
-        profile_steps = tuple(int(s) for s in _PROFILE_STEPS.value.split(":")) if _PROFILE_STEPS.value else None
-        train(_CONFIG.value, _WORKDIR.value, print_sharding=_PRINT_SHARDING.value, profile_steps=profile_steps,
-              debug_nan_steps=frozenset(int(s) for s in _DEBUG_NAN_STEPS.value),
-              debug_kill_after_save_step=_DEBUG_KILL_AFTER_SAVE.value)
+        profile_steps = tuple(int(s) for s in FLAGS.profile_steps.split(":")) if FLAGS.profile_steps else None
+        train(FLAGS.config, FLAGS.workdir, print_sharding=FLAGS.print_sharding, profile_steps=profile_steps,
+              debug_nan_steps=frozenset(int(s) for s in FLAGS.debug_nan_steps),
+              debug_kill_after_save_step=FLAGS.debug_kill_after_save_step)
     except (lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError,
             distributed.DistributedError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -71,10 +71,15 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Training:
     lm_config.validate(config)
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     sharding_lib.check_divisibility(config, mesh)
-    model = model_lib.build(config)
     optimizer = optim.make_optimizer(config)
-    boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(config.seed)))
-    return Training(config, mesh, model, optimizer, sharding_lib.Shardings(config, mesh, boxed_params, optimizer))
+    return Training(config, mesh, model_lib.build(config), optimizer, model_shardings(config, mesh, optimizer))
+
+
+def model_shardings(config: ml_collections.ConfigDict, mesh, optimizer=None) -> sharding_lib.Shardings:
+    """The `Shardings` of `config`'s model (and `optimizer`'s state, if given) on `mesh`, from abstract parameters."""
+    model = model_lib.build(config)
+    boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
+    return sharding_lib.Shardings(config, mesh, boxed_params, optimizer)
 
 
 def state_shardings(shardings: sharding_lib.Shardings) -> TrainState:

@@ -131,8 +131,8 @@ def test_restore_with_optimizer_state(workdir):
     restored = checkpoint.restore(workdir, step=2, optimizer_state=True)
     assert restored.step == 2
     assert restored.opt_state is not None
-    assert jax.tree.structure(restored.params) == jax.tree.structure(
-        jax.tree.map(lambda x: x, restored.opt_state[-1][0].mu))  # AdamW's first moment mirrors the parameters.
+    # AdamW's first moment mirrors the parameters.
+    assert jax.tree.structure(restored.params) == jax.tree.structure(restored.opt_state[-1][0].mu)
 
 
 def test_generate_cli_prints_a_completion_per_prompt(workdir):

@@ -105,6 +105,16 @@ def test_two_process_evaluation_agrees_with_one_process(runs):
     np.testing.assert_allclose(one_process["loss"], logged, rtol=1e-5)
 
 
+def test_resuming_under_another_process_count_fails_in_one_line(runs):
+    _, multi, _ = runs
+    procs = start_processes("lm.train", f"--workdir={multi}", *RUN, "--config.total_steps=9", processes=1, devices=8)
+    out, err = procs[0].communicate(timeout=TIMEOUT)
+    assert procs[0].returncode != 0
+    assert err.strip().splitlines()[-1] == (
+        "error: checkpoint 6 holds no data state for process 0 of 1: it was saved by another number of processes; "
+        "resume with the process count it was saved with")
+
+
 def test_sigterm_on_both_processes_saves_one_agreed_step_and_exits_zero(tmp_path):
     workdir = str(tmp_path / "preempted")
 

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 
 from etils import epath
@@ -117,7 +116,8 @@ def train(config: ml_collections.ConfigDict, output: str, *, max_chars: int = DE
     # Sentences are fed from an iterator, so the corpus is never written out as a text file.
     model = _train_from_texts(paragraphs(sources.iter_texts(resolved, max_chars=max_chars)), settings)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    _atomic_write(output, model)
+    # Write-then-rename, so processes that train the same model at once never read a partial file.
+    paths.write_atomic(paths.resolve(output), model)
     return spm.SentencePieceProcessor(model_proto=model)
 
 
@@ -130,14 +130,6 @@ def _train_from_texts(sentences: Iterable[str], settings: dict) -> bytes:
     except RuntimeError as e:
         raise ConfigError(f"SentencePiece training with config.data.tokenizer={settings} failed: {e}") from None
     return writer.getvalue()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    # Write-then-rename, so processes that train the same model at once never read a partial file.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def cached_path(config: ml_collections.ConfigDict, max_chars: int = DEFAULT_MAX_CHARS) -> str:
@@ -157,9 +149,9 @@ def get_tokenizer(config: ml_collections.ConfigDict, *, workdir: str | None = No
     """
     if config.data.source == "synthetic":
         raise ConfigError("config.data.source='synthetic' uses no tokenizer")
-    in_workdir = str(paths.resolve(workdir, WORKDIR_FILENAME)) if workdir else None
-    if in_workdir and epath.Path(in_workdir).is_file():
-        path = in_workdir
+    in_workdir = paths.resolve(workdir, WORKDIR_FILENAME) if workdir else None
+    if in_workdir and in_workdir.is_file():
+        path = str(in_workdir)
     elif config.data.tokenizer.path:
         path = config.data.tokenizer.path
     else:
@@ -168,9 +160,9 @@ def get_tokenizer(config: ml_collections.ConfigDict, *, workdir: str | None = No
             train(config, path)
     tokenizer = load(path)
     check_vocab_size(tokenizer, config)
-    if in_workdir and path != in_workdir:
-        paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
-        paths.write_atomic(epath.Path(in_workdir), tokenizer.serialized_model_proto())
+    if in_workdir and path != str(in_workdir):
+        in_workdir.parent.mkdir(parents=True, exist_ok=True)
+        paths.write_atomic(in_workdir, tokenizer.serialized_model_proto())
     return tokenizer
 
 
