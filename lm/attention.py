@@ -23,14 +23,15 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
-def resolve_implementation(implementation: str, dtype) -> str:
-    """Maps `auto` to the fastest implementation available for this backend and dtype."""
+def resolve_implementation(implementation: str, dtype, backend: str | None = None) -> str:
+    """Maps `auto` to the fastest implementation available for `backend` (default: this process's) and dtype."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if implementation != "auto":
         return implementation
     half_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if jax.default_backend() == "gpu" and half_precision else "xla"
+    backend = jax.default_backend() if backend is None else backend
+    return "cudnn" if backend == "gpu" and half_precision else "xla"
 
 
 def attention_mask(segment_ids_bt: jax.Array | None, length: int, causal: bool) -> jax.Array | None:

@@ -34,6 +34,7 @@ import ml_collections
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
+from lm import attention as attention_lib
 from lm import config as lm_config
 from lm import flops
 from lm import model as model_lib
@@ -98,16 +99,6 @@ def mesh_sizes(mesh_config: ml_collections.ConfigDict, devices: int | None = Non
         devices = math.prod(sizes.values())
     shape = sharding_lib.mesh_shape(mesh_config, devices)
     return {axis: ici * dcn for axis, (ici, dcn) in shape.items()}
-
-
-def target_attention(config: ml_collections.ConfigDict, kind: str) -> str:
-    """`config.model.attention` resolved for the target device, as `lm.attention.resolve_implementation` resolves it
-    on the device it runs on: `auto` is cuDNN flash attention on NVIDIA GPUs in half precision, XLA otherwise."""
-    implementation = config.model.attention
-    if implementation != "auto":
-        return implementation
-    half_precision = config.model.dtype in ("bfloat16", "float16")
-    return "cudnn" if kind.startswith("NVIDIA") and half_precision else "xla"
 
 
 def tokens_per_device(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> int:
@@ -249,7 +240,8 @@ def estimate(config: ml_collections.ConfigDict, sizes: dict[str, int], device: s
             params=sharding_lib.bytes_per_device(abstract_params, shardings.params),
             grads=sharding_lib.bytes_per_device(abstract_params, shardings.grads),
             opt_state=sharding_lib.bytes_per_device(abstract_state, shardings.opt_state))
-    attention = target_attention(config, kind)
+    attention = attention_lib.resolve_implementation(
+        config.model.attention, config.model.dtype, backend="gpu" if kind.startswith("NVIDIA") else "tpu")
     tokens_per_step = config.data.batch_size * config.data.seq_len
     return Estimate(
         parameters=flops.param_count(config), mesh=dict(sizes), zero_stage=config.sharding.zero_stage, device=kind,
