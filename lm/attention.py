@@ -1,7 +1,7 @@
 """Attention implementations behind one function, chosen by `config.model.attention`.
 
-Axis letters: b batch, t query length, s key/value length, n query heads, g key/value heads (groups), r = n // g
-query heads per key/value head, h head dimension.
+Axis letters (the package legend, `lm/__init__.py`): b batch, t query positions, s key/value positions, n query
+heads, g key/value heads (groups), r = n // g query heads per key/value head, h head dimension.
 
 - `xla`: the reference. Grouped-query einsums that never repeat K/V heads in memory, fp32 scores and softmax.
   Works on every backend and is what CPU tests run.

@@ -1,4 +1,5 @@
-"""Checkpoints: an orbax `CheckpointManager` over `workdir/checkpoints`, plus the run's `workdir/config.json`.
+"""Checkpoints: an orbax `CheckpointManager` over `workdir/checkpoints` (orbax I/O only; the run's `config.json` is
+`lm.config`'s, placement is `lm.sharding`'s).
 
 Each checkpoint step directory holds three items saved together:
 - `state`: the `TrainState` (step, params, optimizer state), restored directly into the target shardings, so a run
@@ -8,7 +9,8 @@ Each checkpoint step directory holds three items saved together:
 - `config`: the run's config as JSON.
 
 `restore(workdir, step, mesh)` is the reader for evaluation, sampling and notebooks: the run's config and its
-parameters only (optimizer state on request), placed on any mesh.
+parameters only (the optimizer state too when the caller passes its optimizer), placed on any mesh. It imports no
+training code.
 
 Orbax writes a step into a temporary directory and renames it when every item is complete, and removes leftover
 temporary directories on start, so a checkpoint that was being written when the process died is never restored.
@@ -18,74 +20,20 @@ Saving is asynchronous: the train loop continues while the arrays are written.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import grain
 import jax
 import ml_collections
+import optax
 import orbax.checkpoint as ocp
 
 from lm import config as lm_config
-from lm import optim
 from lm import paths
 from lm import sharding as sharding_lib
-from lm import train_step as train_step_lib
+from lm.errors import CheckpointError
 
-CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-
-
-class CheckpointError(ValueError):
-    """The workdir or checkpoint cannot be used as asked; the message says which and why."""
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort())
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes `workdir/config.json` atomically (a crash never leaves a half-written file)."""
-    paths.write_atomic(paths.resolve(workdir, CONFIG_FILE),
-                       json.dumps(config_to_dict(config), indent=2, sort_keys=True))
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run in `workdir` was started with."""
-    path = paths.resolve(workdir, CONFIG_FILE)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: {workdir!r} is not an lm workdir")
-    saved = json.loads(path.read_text())
-    config = lm_config.base_config()
-    _merge(config, saved)
-    return config
-
-
-def _merge(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        if isinstance(value, dict) and key in config and isinstance(config[key], ml_collections.ConfigDict):
-            _merge(config[key], value)
-        elif key in config:
-            current = config[key]
-            config[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) \
-                if isinstance(current, tuple) else value
-        else:
-            with config.unlocked():
-                config[key] = value
-
-
-def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Raises if `workdir` holds a run whose model differs from `config.model` (its checkpoints would not fit)."""
-    if not paths.resolve(workdir, CONFIG_FILE).exists():
-        return
-    saved = read_config(workdir).model.to_dict()
-    current = config.model.to_dict()
-    differences = [f"{k}: {saved.get(k)!r} in the workdir, {current.get(k)!r} now"
-                   for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if differences:
-        raise CheckpointError(
-            f"{workdir} holds a run of another model (config.model {'; '.join(differences)}); use a new --workdir "
-            f"or the original config")
 
 
 def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -103,7 +51,7 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, co
     checkpoints.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config_to_dict(config))), force=True)
+        config=ocp.args.JsonSave(lm_config.to_dict(config))), force=True)
 
 
 def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract_state, data_iterator):
@@ -136,38 +84,20 @@ class Restored:
         return self.shardings.mesh
 
 
-def default_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-    """The run's own mesh when it fits the devices here, else every device on `fsdp` (parameters sharded, so a model
-    trained on many devices still fits; batches are split over (data, fsdp) either way)."""
-    devices = jax.devices() if devices is None else devices
-    try:
-        return sharding_lib.make_mesh(config.mesh, devices)
-    except lm_config.ConfigError:
-        fallback = ml_collections.ConfigDict(config.mesh.to_dict())
-        fallback.update(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
-        return sharding_lib.make_mesh(fallback, devices)
-
-
-def mesh_of(params, config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The mesh `params` live on (as `restore` placed them), or `default_mesh(config)` for unsharded arrays."""
-    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return sharding.mesh
-    return default_mesh(config)
-
-
 def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None, *,
-            config: ml_collections.ConfigDict | None = None, optimizer_state: bool = False) -> Restored:
+            config: ml_collections.ConfigDict | None = None,
+            optimizer: optax.GradientTransformation | None = None) -> Restored:
     """Reads the parameters of checkpoint `step` (default: the latest) of the run in `workdir`.
 
     Args:
       workdir: a training run's directory (`config.json` and `checkpoints/`).
       step: which checkpoint; None for the latest.
       mesh: where to place the arrays; any shape, not necessarily the one the run was trained on (None:
-        `default_mesh`). Parameters take the shardings `config`'s rules give on this mesh.
+        `lm.sharding.default_mesh`). Parameters take the shardings `config`'s rules give on this mesh.
       config: the config to build the model from (default: the run's own, `workdir/config.json`); it must describe
         the same parameter shapes as the checkpoint.
-      optimizer_state: also read the optimizer state (only the parameters are read otherwise).
+      optimizer: the run's optimizer (`lm.optim.make_optimizer(config)`) to also read its state, placed by the ZeRO
+        stage; None reads only the parameters.
 
     Raises:
       CheckpointError: the workdir or checkpoints are missing, `step` is not kept, or `config`'s parameters do not
@@ -175,18 +105,18 @@ def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | Non
     """
     checkpoints = _reader(workdir)
     try:
-        config = read_config(workdir) if config is None else config
+        config = lm_config.read_config(workdir) if config is None else config
         steps = checkpoints.all_steps()
         if step is None:
             step = max(steps)
         elif step not in steps:
             raise CheckpointError(f"step {step} is not among the checkpoints kept in {workdir}: {sorted(steps)}")
-        mesh = default_mesh(config) if mesh is None else mesh
-        optimizer = optim.make_optimizer(config) if optimizer_state else None
-        shardings = train_step_lib.model_shardings(config, mesh, optimizer)
-        target = {"params": _abstract(shardings.abstract_params, shardings.params)}
-        if optimizer_state:
-            target["opt_state"] = _abstract(jax.eval_shape(optimizer.init, target["params"]), shardings.opt_state)
+        mesh = sharding_lib.default_mesh(config) if mesh is None else mesh
+        shardings = sharding_lib.model_shardings(config, mesh, optimizer)
+        target = {"params": sharding_lib.abstract_arrays(shardings.abstract_params, shardings.params)}
+        if optimizer is not None:
+            target["opt_state"] = sharding_lib.abstract_arrays(
+                jax.eval_shape(optimizer.init, target["params"]), shardings.opt_state)
         _check_shapes(checkpoints.item_metadata(step).state, {"params": target["params"]}, workdir, step)
         restored = checkpoints.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
@@ -221,10 +151,6 @@ def kept_steps(workdir: str) -> list[int]:
     steps = sorted(checkpoints.all_steps())
     checkpoints.close()
     return steps
-
-
-def _abstract(shapes, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def _check_shapes(saved_metadata, target, workdir: str, step: int) -> None:

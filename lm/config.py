@@ -1,17 +1,27 @@
-"""The run configuration: every field with its default, and one validation pass over a whole config.
+"""The run configuration: every field with its default, one validation pass, and the copy a workdir keeps.
 
 Config files in `configs/` start from `base_config()` and override what differs (nanodo / big_vision style), so a
 field exists, with its meaning documented, in exactly one place. `validate()` is called by every entry point before
 anything expensive happens; it raises `ConfigError` with a one-line message naming the field.
+
+A run records its config in `workdir/config.json` (`write_config`); `read_config(workdir)` gives it back as a
+ConfigDict over `base_config()`, which is how evaluation, sampling and resumption know what was trained.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from lm import paths
+from lm.errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "config.json"
 
 # Choice fields and the values they accept; `validate()` checks against these.
 CHOICES = {
@@ -34,10 +44,6 @@ POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
     "model.mlp_dim", "model.max_seq_len", "loss.chunk_size", "data.seq_len", "data.batch_size", "total_steps",
 )
-
-
-class ConfigError(ValueError):
-    """A config field holds a value the program cannot run with. The message is one line naming the field."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -67,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat_policy = "full"  # none | full (recompute everything) | dots | dots_no_batch (jax.checkpoint_policies).
     m.init = "truncated_normal"
     m.init_std = 0.02  # Std of the truncated-normal init; output projections are scaled by 1/sqrt(2 * num_layers).
+    # None: no soft-cap; c: logits are c * tanh(logits / c) wherever they are formed (loss, evaluation, sampling).
+    m.logit_softcap = config_dict.placeholder(float)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
@@ -98,7 +106,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.chunk_size = 4096  # Vocabulary columns per step of the blockwise cross-entropy scan.
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient: z_loss * logsumexp^2.
     c.loss.label_smoothing = 0.0
-    c.loss.logit_softcap = config_dict.placeholder(float)  # None: no soft-cap; c: c * tanh(logits / c).
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "default"  # default (built-in corpus) | tfds | files | synthetic
@@ -141,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.log_every = 10
     c.eval_every = 200
-    c.eval_steps = 10
+    c.eval_steps = 10  # Batches per evaluation; -1: the whole eval split, exactly once.
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
     c.max_consecutive_skips = 10  # Non-finite steps in a row before the run stops.
@@ -210,10 +217,66 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"config.model.rope_theta must be positive, got {m.rope_theta!r}")
     if not m.init_std > 0:
         raise ConfigError(f"config.model.init_std must be positive, got {m.init_std!r}")
+    if m.logit_softcap is not None and not m.logit_softcap > 0:
+        raise ConfigError(f"config.model.logit_softcap must be None or positive, got {m.logit_softcap!r}")
     if config.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"config.model.max_seq_len={m.max_seq_len} is below the training length "
             f"config.data.seq_len={config.data.seq_len}")
     if config.sharding.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config.sharding.zero_stage={config.sharding.zero_stage!r} is not one of 0, 1, 2, 3")
+    eval_steps = config.eval_steps
+    if not isinstance(eval_steps, int) or isinstance(eval_steps, bool) or not (eval_steps == -1 or eval_steps > 0):
+        raise ConfigError(f"config.eval_steps must be a positive integer or -1 (the whole split), got {eval_steps!r}")
     return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The copy of the config a workdir keeps.
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON values (what `config.json` and each checkpoint hold)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes `workdir/config.json` atomically (a crash never leaves a half-written file)."""
+    paths.write_atomic(paths.resolve(workdir, CONFIG_FILE), json.dumps(to_dict(config), indent=2, sort_keys=True))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was started with: `base_config()` updated with `workdir/config.json`."""
+    path = paths.resolve(workdir, CONFIG_FILE)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: {workdir!r} is not an lm workdir")
+    config = base_config()
+    _update(config, json.loads(path.read_text()))
+    return config
+
+
+def _update(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    """Sets `values` (nested JSON) into `config`; lists become tuples (at every depth) where the field holds one."""
+    as_tuples = lambda v: tuple(as_tuples(x) for x in v) if isinstance(v, list) else v
+    for key, value in values.items():
+        if isinstance(value, dict) and key in config and isinstance(config[key], ml_collections.ConfigDict):
+            _update(config[key], value)
+        elif key in config:
+            config[key] = as_tuples(value) if isinstance(config[key], tuple) else value
+        else:
+            with config.unlocked():
+                config[key] = value
+
+
+def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Raises if `workdir` holds a run whose model differs from `config.model` (its checkpoints would not fit)."""
+    if not paths.resolve(workdir, CONFIG_FILE).exists():
+        return
+    saved = read_config(workdir).model.to_dict()
+    current = config.model.to_dict()
+    differences = [f"{k}: {saved.get(k)!r} in the workdir, {current.get(k)!r} now"
+                   for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differences:
+        raise CheckpointError(
+            f"{workdir} holds a run of another model (config.model {'; '.join(differences)}); use a new --workdir "
+            f"or the original config")

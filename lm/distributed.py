@@ -23,6 +23,8 @@ import os
 from absl import flags, logging
 import jax
 
+from lm.errors import DistributedError
+
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0 for a multi-process run (else $LM_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -33,10 +35,6 @@ _PROCESS_ID = flags.DEFINE_integer(
 # Cluster environments that JAX bootstraps from their own description (names of jax's cluster types). Kubernetes is
 # left to the explicit flags: JAX's detection there queries the API server and needs extra permissions.
 _SELF_DESCRIBING_CLUSTERS = ("gcetpu", "gketpu", "slurm", "ompi")
-
-
-class DistributedError(ValueError):
-    """The multi-process settings contradict each other. The message is one line naming the flag."""
 
 
 def _setting(flag: flags.FlagHolder, env: str) -> str | int | None:

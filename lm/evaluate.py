@@ -3,96 +3,160 @@
     python -m lm.evaluate --workdir=DIR [--step=N | --all_steps] [--config.data.eval_split=...] [--config.eval_steps=N]
 
 The config is the run's own (`DIR/config.json`); `--config.a.b=value` overrides it (another split, source or number
-of batches; the model fields must still fit the checkpoint). Prints the metrics and writes `DIR/eval_<step>.json`.
+of batches; the model fields must still fit the checkpoint). The tokenizer is the run's own (`DIR/tokenizer.model`).
+By default the program evaluates the whole split exactly once (`eval_steps=-1`). It prints the metrics and writes
+`DIR/eval_<step>.json`.
 
-`evaluate(config, params)` is the same in Python (the trainer calls it for its periodic evaluation, so both report
-the same numbers): `config.eval_steps` batches of `config.data.eval_split`, from a fresh iterator each time so every
-call sees the same tokens. Padding has weight 0 and is not counted.
+In Python, `Evaluator(config, shardings, tokenizer)` is built once and called with parameters as often as needed
+(the trainer's periodic evaluation is one, so both report the same numbers); `evaluate(config, params, ...)` does
+both in one call. An evaluation reads `config.data.eval_split` from the start each time, in the `windows` layout
+(`lm.data.packing`: every target token exactly once, its loss independent of how rows and processes are cut):
+- `config.eval_steps = -1`: the whole split, once. Processes whose shard ends first feed all-padding batches until
+  every process is done, so the sums are the same on any number of devices and processes.
+- `config.eval_steps = N`: the first N batches; if the split ends sooner, it is evaluated once and a warning says so.
+Padding has weight 0 and is not counted.
 
-Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the evaluated target tokens' text: the
-tokenizer is lossless (no normalization, whitespace kept), so the bytes of each piece are exactly the bytes of the
-raw text it encodes; BOS/EOS/padding pieces have none. It compares models with different tokenizers.
+Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the evaluated target tokens' text
+(`lm.data.tokenizer.piece_bytes`; BOS/EOS/padding have none), so it compares models with different tokenizers. The
+unigram entropy of the evaluated targets is the loss of the best model that ignores context: the bar to clear.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
+from collections.abc import Iterator
 
-from absl import app, flags, logging
+from absl import flags, logging
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import sentencepiece as spm
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from lm import checkpoint
-from lm import distributed
 from lm import config as lm_config
 from lm import model as model_lib
+from lm import objective
 from lm import paths
 from lm import sharding as sharding_lib
-from lm import train_step as train_step_lib
 from lm.data import pipeline, sources
-
-def piece_bytes(tokenizer, vocab_size: int) -> np.ndarray:
-    """int64 `[vocab_size]`: UTF-8 bytes of the text each token id stands for (0 for control and padded ids)."""
-    table = np.zeros(vocab_size, np.int64)
-    for i in range(tokenizer.get_piece_size()):
-        if tokenizer.is_control(i) or tokenizer.is_unknown(i):
-            continue
-        # Byte-fallback pieces (<0x0A>) are one byte; others are text with "▁" standing for a space.
-        table[i] = 1 if tokenizer.is_byte(i) else len(tokenizer.id_to_piece(i).replace("▁", " ").encode("utf-8"))
-    return table
+from lm.data import tokenizer as tokenizer_lib
+from lm.errors import ArgumentError, ConfigError
 
 
-def evaluate(config: ml_collections.ConfigDict, params, *, workdir: str | None = None,
-             shardings: sharding_lib.Shardings | None = None, eval_step=None) -> dict[str, float]:
-    """Evaluates `params` on `config.eval_steps` batches of `config.data.eval_split`.
+def make_eval_step(config: ml_collections.ConfigDict, model: model_lib.Transformer, shardings: sharding_lib.Shardings):
+    """The jitted `eval_step(params, batch) -> sums`: token-weighted sums of the negative log-likelihood (no z-loss,
+    no smoothing), correct predictions and weights, to be added over batches (padding has weight 0)."""
+
+    def step(params, batch):
+        with shardings.activation_rules():
+            _, aux = objective.lm_loss(params, batch, model, config)
+        return {"nll_sum": aux["nll"] * aux["weight_sum"], "correct_sum": aux["accuracy"] * aux["weight_sum"],
+                "weight_sum": aux["weight_sum"]}
+
+    return jax.jit(step, in_shardings=(shardings.params, shardings.batch), out_shardings=shardings.replicated)
+
+
+class Evaluator:
+    """Evaluates parameters placed by `shardings` on `config.data.eval_split` (module docstring).
+
+    Built once: the split is resolved (a missing split fails here, not at the first evaluation), the eval step
+    compiled on first use, the bytes table made; each call reads the split again from its start.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, shardings: sharding_lib.Shardings,
+                 tokenizer: spm.SentencePieceProcessor | None, *, model: model_lib.Transformer | None = None):
+        self.config = config
+        self.shardings = shardings
+        self.tokenizer = tokenizer
+        if config.data.source == "synthetic":
+            if config.eval_steps == -1:
+                raise ConfigError("config.eval_steps=-1 evaluates the whole split, but config.data.source="
+                                  "'synthetic' is endless; set config.eval_steps to a number of batches")
+            self.split = None
+        else:
+            self.split = sources.resolve(config, config.data.eval_split)
+        model = model_lib.build(config) if model is None else model
+        self._eval_step = make_eval_step(config, model, shardings)
+        self._bytes_per_id = None if tokenizer is None else tokenizer_lib.piece_bytes(
+            tokenizer, config.model.vocab_size)
+
+    def __call__(self, params) -> dict[str, float]:
+        """`loss` (mean nats per token), `perplexity`, `accuracy`, `tokens`, `batches`, and with a tokenizer
+        `bytes`, `bits_per_byte` and `unigram_entropy` (nats)."""
+        config = self.config
+        iterator = pipeline.make_eval_iterator(config, tokenizer=self.tokenizer, split=self.split)
+        totals, batches = None, 0
+        target_counts_v = np.zeros(config.model.vocab_size, np.float64)
+        with contextlib.closing(iterator):
+            for batch in _batches_on_every_process(iterator, config.eval_steps):
+                sums = self._eval_step(params, pipeline.to_global_arrays(batch, self.shardings.batch))
+                totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+                target_counts_v += np.bincount(batch["targets"].ravel(), batch["weights"].ravel().astype(np.float64),
+                                               minlength=config.model.vocab_size)
+                batches += 1
+        if config.eval_steps != -1 and batches < config.eval_steps:
+            logging.warning("config.eval_steps=%d, but split %r ends after %d batches: evaluated the whole split once",
+                            config.eval_steps, config.data.eval_split, batches)
+        totals = jax.device_get(totals)
+        tokens = float(totals["weight_sum"])
+        loss = float(totals["nll_sum"]) / max(tokens, 1.0)
+        results = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+                   "accuracy": float(totals["correct_sum"]) / max(tokens, 1.0), "tokens": tokens, "batches": batches}
+        if self._bytes_per_id is not None:
+            # Each process counted its own rows; the loss sums are already global, the host-side counts are not.
+            target_counts_v = _sum_over_processes(target_counts_v)
+            text_bytes = float(self._bytes_per_id @ target_counts_v)
+            probs = target_counts_v[target_counts_v > 0] / target_counts_v.sum()
+            results.update(bytes=text_bytes, bits_per_byte=float(totals["nll_sum"]) / math.log(2) / max(text_bytes, 1.0),
+                           unigram_entropy=float(-(probs * np.log(probs)).sum()))
+        return results
+
+
+def _batches_on_every_process(iterator: pipeline.BatchIterator, limit: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's batches, up to `limit` (-1: all), until every process's stream has ended. Every process runs
+    the same number of (collective) eval steps: one whose shard ended first feeds all-padding batches."""
+    count = 0
+    while limit == -1 or count < limit:
+        batch = next(iterator, None)
+        if jax.process_count() > 1:
+            any_left = bool(multihost_utils.process_allgather(np.int32(batch is not None)).any())
+        else:
+            any_left = batch is not None
+        if not any_left:
+            return
+        yield iterator.padding_batch() if batch is None else batch
+        count += 1
+
+
+def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return values
+    return np.sum(multihost_utils.process_allgather(values), axis=0)
+
+
+def evaluate(config: ml_collections.ConfigDict, params, *, tokenizer: spm.SentencePieceProcessor | None = None,
+             workdir: str | None = None, shardings: sharding_lib.Shardings | None = None) -> dict[str, float]:
+    """`Evaluator(config, shardings, tokenizer)(params)` in one call (what `Evaluator.__call__` returns).
 
     Args:
       config: the run config (model, data, eval_steps).
-      params: parameters, e.g. `lm.checkpoint.restore(...).params` or the trainer's `state.params`.
-      workdir: where the run's tokenizer is cached (as the trainer was given it).
+      params: parameters, e.g. `lm.checkpoint.restore(...).params`.
+      tokenizer: the run's tokenizer; default the one in `workdir` (none is needed for synthetic data).
+      workdir: the run's directory, where its tokenizer is.
       shardings: the `Shardings` `params` are placed by (default: built from the mesh `params` live on).
-      eval_step: a jitted `lm.train_step.make_eval_step` to reuse (the trainer's); built from `shardings` if None.
-
-    Returns:
-      `loss` (mean nats per token), `perplexity`, `accuracy`, `tokens`, and when the data has a tokenizer `bytes`
-      and `bits_per_byte`.
     """
+    if tokenizer is None and config.data.source != "synthetic":
+        if workdir is None:
+            raise ArgumentError("evaluate() needs the run's tokenizer: pass tokenizer= or workdir=")
+        tokenizer = tokenizer_lib.from_workdir(workdir)
     if shardings is None:
-        shardings = train_step_lib.model_shardings(config, checkpoint.mesh_of(params, config))
-    if eval_step is None:
-        eval_step = train_step_lib.make_eval_step(config, model_lib.build(config), shardings)
-    iterator = pipeline.make_eval_iterator(config, workdir=workdir)
-    bytes_per_id = None if iterator.tokenizer is None else piece_bytes(iterator.tokenizer, config.model.vocab_size)
-    totals, text_bytes = None, 0.0
-    for _ in range(config.eval_steps):
-        batch = next(iterator)
-        sums = eval_step(params, pipeline.to_global_arrays(batch, shardings.batch))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-        if bytes_per_id is not None:
-            text_bytes += float((bytes_per_id[batch["targets"]] * batch["weights"]).sum())
-    iterator.close()
-    totals = jax.device_get(totals)
-    tokens = float(totals["weight_sum"])
-    loss = float(totals["nll_sum"]) / max(tokens, 1.0)
-    results = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-               "accuracy": float(totals["correct_sum"]) / max(tokens, 1.0), "tokens": tokens}
-    if bytes_per_id is not None:
-        text_bytes = _sum_over_processes(text_bytes)
-        results.update(bytes=text_bytes, bits_per_byte=float(totals["nll_sum"]) / math.log(2) / max(text_bytes, 1.0))
-    return results
-
-
-def _sum_over_processes(value: float) -> float:
-    """Each process counted the bytes of its own rows; the loss sums are global, so the byte count must be too."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-    return float(np.sum(multihost_utils.process_allgather(np.asarray(value, np.float64))))
+        shardings = sharding_lib.model_shardings(config, sharding_lib.mesh_of(params, config))
+    return Evaluator(config, shardings, tokenizer)(params)
 
 
 def token_losses(config: ml_collections.ConfigDict, params, token_ids) -> np.ndarray:
@@ -111,16 +175,21 @@ def token_losses(config: ml_collections.ConfigDict, params, token_ids) -> np.nda
     return np.asarray(losses(nn.unbox(params), tokens_1t))
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, config: ml_collections.ConfigDict | None = None
-                        ) -> tuple[int, dict[str, float]]:
-    """Restores checkpoint `step` (default latest) of `workdir`, evaluates it and writes `workdir/eval_<step>.json`."""
-    restored = checkpoint.restore(workdir, step, config=config)
-    results = evaluate(restored.config, restored.params, workdir=workdir, shardings=restored.shardings)
-    if jax.process_index() == 0:
-        paths.write_atomic(paths.resolve(workdir, f"eval_{restored.step}.json"), json.dumps(
-            {"step": restored.step, "split": restored.config.data.eval_split,
-             "eval_steps": restored.config.eval_steps, **results}, indent=2))
-    return restored.step, results
+def evaluate_checkpoints(workdir: str, steps: list[int | None], config: ml_collections.ConfigDict
+                         ) -> Iterator[tuple[int, dict[str, float]]]:
+    """Restores each checkpoint of `steps` (None: the latest) of `workdir` in turn, evaluates it with `config` and
+    the run's tokenizer, writes `workdir/eval_<step>.json` and yields `(step, results)`."""
+    tokenizer = None if config.data.source == "synthetic" else tokenizer_lib.from_workdir(workdir)
+    mesh = sharding_lib.default_mesh(config)
+    evaluator = Evaluator(config, sharding_lib.model_shardings(config, mesh), tokenizer)
+    for step in steps:
+        restored = checkpoint.restore(workdir, step, mesh, config=config)
+        results = evaluator(restored.params)
+        if jax.process_index() == 0:
+            paths.write_atomic(paths.resolve(workdir, f"eval_{restored.step}.json"), json.dumps(
+                {"step": restored.step, "split": config.data.eval_split, "eval_steps": config.eval_steps, **results},
+                indent=2))
+        yield restored.step, results
 
 
 def format_results(step: int, results: dict[str, float]) -> str:
@@ -132,16 +201,17 @@ def format_results(step: int, results: dict[str, float]) -> str:
 
 
 def run_config(workdir: str, override_values: dict) -> ml_collections.ConfigDict:
-    """The run's saved config with the command line's `--config.a.b=value` overrides applied, validated."""
-    config = checkpoint.read_config(workdir)
+    """The run's saved config with the command line's `--config.a.b=value` overrides applied, validated; unless
+    overridden, `eval_steps` is -1 (the whole split)."""
+    config = lm_config.read_config(workdir)
+    config.eval_steps = -1
     config.update_from_flattened_dict(override_values)
-    lm_config.validate(config)
-    return config
+    return lm_config.validate(config)
 
 
 def define_flags() -> None:
     """The CLI's flags; defined only when run as a program, so importing this module defines none."""
-    flags.DEFINE_string("workdir", None, "Run directory holding config.json and checkpoints/.")
+    flags.DEFINE_string("workdir", None, "Run directory holding config.json and checkpoints/.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
     flags.DEFINE_bool("all_steps", False, "Evaluate every kept checkpoint, oldest first.")
     config_flags.DEFINE_config_dict(
@@ -150,27 +220,18 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     FLAGS = flags.FLAGS
-    if FLAGS.workdir is None:
-        raise app.UsageError("--workdir=DIR is required")
     if FLAGS.all_steps and FLAGS.step is not None:
-        raise app.UsageError("--step and --all_steps exclude each other")
-    workdir = FLAGS.workdir
-    try:
-        distributed.initialize()
-        config = run_config(workdir, config_flags.get_override_values(FLAGS["config"]))
-        steps = checkpoint.kept_steps(workdir) if FLAGS.all_steps else [FLAGS.step]
-        for step in steps:
-            step, results = evaluate_checkpoint(workdir, step, config)
-            if jax.process_index() == 0:
-                print(format_results(step, results), flush=True)
-    except (lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError,
-            distributed.DistributedError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise ArgumentError("--step and --all_steps exclude each other")
+    config = run_config(FLAGS.workdir, config_flags.get_override_values(FLAGS["config"]))
+    steps = checkpoint.kept_steps(FLAGS.workdir) if FLAGS.all_steps else [FLAGS.step]
+    for step, results in evaluate_checkpoints(FLAGS.workdir, steps, config):
+        if jax.process_index() == 0:
+            print(format_results(step, results), flush=True)
 
 
 if __name__ == "__main__":
+    from lm import cli
+
     define_flags()
-    app.run(main)
+    cli.run(main)

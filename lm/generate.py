@@ -3,6 +3,7 @@
     python -m lm.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] [--max_new_tokens=64] [--temperature=0.8]
         [--top_k=40] [--top_p=0.95] [--seed=0] [--step=N]
 
+The model and its tokenizer are the run's own (`DIR/config.json`, `DIR/tokenizer.model`); nothing is trained here.
 One jitted program per (batch, prompt length, settings): the prompts, left-padded to a common length so every row
 writes the same cache slot at each step, are run through the model once (prefill) filling a `lm.model.KVCache`
 `[layers, batch, max_len, kv_heads, head_dim]`; then a `lax.while_loop` samples a token per row and runs just that
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from absl import app, flags, logging
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,12 +29,10 @@ import ml_collections
 import numpy as np
 
 from lm import checkpoint
-from lm import distributed
-from lm import config as lm_config
 from lm import model as model_lib
-from lm import train_step as train_step_lib
-from lm.data import sources
+from lm import sharding as sharding_lib
 from lm.data import tokenizer as tokenizer_lib
+from lm.errors import ArgumentError
 
 # Prompt lengths are padded up to a multiple of this, so prompts of similar length share one compiled program.
 PROMPT_LENGTH_MULTIPLE = 16
@@ -49,11 +48,11 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ArgumentError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise ArgumentError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+            raise ArgumentError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
 
 
 def sample(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
@@ -76,29 +75,29 @@ def sample(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id", "pad_id"))
-def _generate(params, prompt_bp, start_b, rng, *, model: model_lib.Transformer, max_new_tokens: int,
+def _generate(params, prompt_bt, start_b, rng, *, model: model_lib.Transformer, max_new_tokens: int,
               sampling: Sampling, eos_id: int, pad_id: int):
-    """Prefill plus the decode loop: `(tokens_bn, steps)`, rows padded with `pad_id` after their EOS."""
-    batch, prompt_length = prompt_bp.shape
+    """Prefill plus the decode loop: `(new_tokens_bt, steps)`, rows padded with `pad_id` after their EOS."""
+    batch, prompt_length = prompt_bt.shape
     cache = model_lib.KVCache.zeros(model.cfg, start_b, prompt_length + max_new_tokens)
-    logits_bv, cache = model.apply({"params": params}, prompt_bp, cache, method=model.decode)
+    logits_bv, cache = model.apply({"params": params}, prompt_bt, cache, method=model.decode)
 
     def keep_going(carry):
         step, _, _, _, done_b = carry
         return (step < max_new_tokens) & ~jnp.all(done_b)
 
     def decode_one(carry):
-        step, logits_bv, cache, tokens_bn, done_b = carry
+        step, logits_bv, cache, new_tokens_bt, done_b = carry
         token_b = jnp.where(done_b, pad_id, sample(logits_bv, jax.random.fold_in(rng, step), sampling))
-        tokens_bn = tokens_bn.at[:, step].set(token_b)
+        new_tokens_bt = new_tokens_bt.at[:, step].set(token_b)
         done_b = done_b | (token_b == eos_id)
         logits_bv, cache = model.apply({"params": params}, token_b[:, None], cache, method=model.decode)
-        return step + 1, logits_bv, cache, tokens_bn, done_b
+        return step + 1, logits_bv, cache, new_tokens_bt, done_b
 
-    tokens_bn = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    carry = (jnp.zeros((), jnp.int32), logits_bv, cache, tokens_bn, jnp.zeros((batch,), bool))
-    steps, _, _, tokens_bn, _ = jax.lax.while_loop(keep_going, decode_one, carry)
-    return tokens_bn, steps
+    new_tokens_bt = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    carry = (jnp.zeros((), jnp.int32), logits_bv, cache, new_tokens_bt, jnp.zeros((batch,), bool))
+    steps, _, _, new_tokens_bt, _ = jax.lax.while_loop(keep_going, decode_one, carry)
+    return new_tokens_bt, steps
 
 
 def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]], *, max_new_tokens: int,
@@ -110,34 +109,34 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
     (default: the one `params` live on) shards the batch and the cache by the config's logical rules.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+        raise ArgumentError("every prompt needs at least one token (e.g. BOS)")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     model = model_lib.build(config)
     longest = max(len(p) for p in prompts)
     prompt_length = -(-longest // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
     if config.model.position_embedding == "learned" and longest + max_new_tokens > config.model.max_seq_len:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+        raise ArgumentError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"config.model.max_seq_len={config.model.max_seq_len} of the learned position table")
-    shardings = train_step_lib.model_shardings(config, mesh or checkpoint.mesh_of(params, config))
+    shardings = sharding_lib.model_shardings(config, mesh or sharding_lib.mesh_of(params, config), model=model)
     rows = len(prompts)
     # Rows are padded to a multiple of the pieces the batch sharding cuts them into (the padding rows are dropped).
     devices = shardings.batch.mesh.size
     batch_shards = devices // shardings.batch.shard_shape((devices, 1))[0]
     batch = -(-rows // batch_shards) * batch_shards
-    prompt_bp = np.full((batch, prompt_length), pad_id, np.int32)
+    prompt_bt = np.full((batch, prompt_length), pad_id, np.int32)
     start_b = np.full((batch,), prompt_length - 1, np.int32)
     for b, prompt in enumerate(prompts):
-        prompt_bp[b, prompt_length - len(prompt):] = prompt
+        prompt_bt[b, prompt_length - len(prompt):] = prompt
         start_b[b] = prompt_length - len(prompt)
-    prompt_bp[rows:, -1] = prompts[0][-1]
+    prompt_bt[rows:, -1] = prompts[0][-1]
     with shardings.activation_rules():
-        tokens_bn, _ = _generate(
-            nn.unbox(params), jax.device_put(prompt_bp, shardings.batch), jnp.asarray(start_b),
+        new_tokens_bt, _ = _generate(
+            nn.unbox(params), jax.device_put(prompt_bt, shardings.batch), jnp.asarray(start_b),
             jax.random.key(seed), model=model, max_new_tokens=max_new_tokens, sampling=sampling,
             eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id)
     completions = []
-    for row in np.asarray(jax.device_get(tokens_bn))[:rows].tolist():
+    for row in np.asarray(jax.device_get(new_tokens_bt))[:rows].tolist():
         completions.append(row[:row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
     return completions
 
@@ -156,8 +155,9 @@ def generate_text(config: ml_collections.ConfigDict, params, tokenizer, prompts:
 
 def define_flags() -> None:
     """The CLI's flags; defined only when run as a program, so importing this module defines none."""
-    flags.DEFINE_string("workdir", None, "Run directory holding config.json, tokenizer.model and checkpoints/.")
-    flags.DEFINE_multi_string("prompt", None, "A prompt; repeat the flag for a batch of prompts.")
+    flags.DEFINE_string("workdir", None, "Run directory holding config.json, tokenizer.model and checkpoints/.",
+                        required=True)
+    flags.DEFINE_multi_string("prompt", None, "A prompt; repeat the flag for a batch of prompts.", required=True)
     flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (fewer if EOS comes first).")
     flags.DEFINE_float("temperature", 0.0, "0: greedy; otherwise logits are divided by it before sampling.")
     flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: off).")
@@ -168,26 +168,20 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     FLAGS = flags.FLAGS
-    if FLAGS.workdir is None or not FLAGS.prompt:
-        raise app.UsageError("--workdir=DIR and at least one --prompt=TEXT are required")
-    try:
-        distributed.initialize()
-        sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-        restored = checkpoint.restore(FLAGS.workdir, FLAGS.step)
-        tokenizer = tokenizer_lib.get_tokenizer(restored.config, workdir=FLAGS.workdir)
-        completions = generate_text(
-            restored.config, restored.params, tokenizer, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=FLAGS.seed)
-    except (ValueError, lm_config.ConfigError, checkpoint.CheckpointError, sources.DataError,
-            distributed.DistributedError) as error:
-        raise SystemExit(f"error: {error}") from None
+    sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    restored = checkpoint.restore(FLAGS.workdir, FLAGS.step)
+    tokenizer = tokenizer_lib.from_workdir(FLAGS.workdir)
+    completions = generate_text(
+        restored.config, restored.params, tokenizer, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=FLAGS.seed)
     if jax.process_index() == 0:
         for prompt, completion in zip(FLAGS.prompt, completions):
             print(f"=== {prompt!r} (step {restored.step})\n{prompt}{completion}\n", flush=True)
 
 
 if __name__ == "__main__":
+    from lm import cli
+
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -12,15 +12,15 @@ has a static width and a start of at most `V - C`, so `lax.dynamic_slice` never 
 skipped), nothing is masked, and the kernel is never padded or copied. `V = 50257, chunk_size = 4096`: 13 blocks,
 one of 3865 columns and twelve of 3866. `chunk_size >= V` is one block.
 
-1. Statistics pass (the forward): for each block, `logits_nc = hidden_nd @ kernel_dc` (matmul in the input dtype,
+1. Statistics pass (the forward): for each block, `logits_xc = hidden_xd @ kernel_dc` (matmul in the input dtype,
    fp32 accumulation), then in fp32 the online logsumexp (running max `m` and sum of `exp(logits - m)`, the sum
    rescaled when the max grows), the target logit (one element per row taken from the block that holds it) and, with
    label smoothing, the sum of the logits. The head block runs first, the middle blocks in a `lax.scan`, the last
    block last. The token accuracy falls out of the running max: the target is the argmax iff its logit equals it.
-2. Gradient pass (only under differentiation): with the final log-partition `lse_n` known, each block's logits are
-   formed again and turned into `dlogits_nc` (fp32, cast once to the matmul dtype), which feed
-   `dhidden_nd += dlogits_nc @ kernel_dc.T` (accumulated in fp32 across blocks) and
-   `dkernel[:, block] = hidden_nd.T @ dlogits_nc` (one fp32-accumulated matmul per block, written once, in place, into
+2. Gradient pass (only under differentiation): with the final log-partition `lse_x` known, each block's logits are
+   formed again and turned into `dlogits_xc` (fp32, cast once to the matmul dtype), which feed
+   `dhidden_xd += dlogits_xc @ kernel_dc.T` (accumulated in fp32 across blocks) and
+   `dkernel[:, block] = hidden_xd.T @ dlogits_xc` (one fp32-accumulated matmul per block, written once, in place, into
    a kernel-shaped buffer of the kernel dtype; no kernel-sized fp32 accumulator is needed because no block of
    `dkernel` is ever accumulated).
 
@@ -28,7 +28,7 @@ Where the gradient is computed: in the forward rule
 --------------------------------------------------
 `jax.custom_vjp` allows two designs: the backward recomputes every block from `hidden`, `kernel` and the saved
 log-partition, or the forward rule computes the gradients and saves only them as residuals. We do the latter.
-Neither avoids computing the logits twice: an exact `dkernel` block needs every row's final normaliser `exp(-lse_n)`
+Neither avoids computing the logits twice: an exact `dkernel` block needs every row's final normaliser `exp(-lse_x)`
 (a per-row factor that cannot be pulled out of `hidden.T @ probs`), so each block's logits are needed once before
 `lse` is known and once after; only storing them, `[N, V]`, would avoid that. (`dhidden` alone could be streamed with
 flash-attention-style rescaling, but that moves a matmul rather than saving one.) What the forward rule does save:
@@ -54,6 +54,9 @@ Everything works under `jax.jit` with sharded inputs (hidden over the batch axes
 gives the single-device results. With the kernel sharded over `vocab`, the compiler gathers each block it slices, so
 a tensor-parallel vocabulary trades communication for memory here (a shard_map version that keeps blocks local and
 all-reduces the `[N]` statistics would avoid it).
+
+Names follow the package's axis legend (`lm/__init__.py`): x the N tokens (the leading axes of `hidden` flattened),
+d the model width, v the vocabulary, c the columns of one block.
 """
 
 from __future__ import annotations
@@ -85,10 +88,10 @@ class _Options:
 class _Stats(NamedTuple):
     """Per-token running statistics of the statistics pass, all `[N]`."""
 
-    max_n: jax.Array  # fp32 running max of the logits seen so far.
-    sumexp_n: jax.Array  # fp32 sum of exp(logits - max_n) over the columns seen so far.
-    target_logit_n: jax.Array  # fp32 logit of the target column (0 until its block is seen).
-    logit_sum_n: jax.Array  # fp32 sum of all logits (only used with label smoothing).
+    max_x: jax.Array  # fp32 running max of the logits seen so far.
+    sumexp_x: jax.Array  # fp32 sum of exp(logits - max_x) over the columns seen so far.
+    target_logit_x: jax.Array  # fp32 logit of the target column (0 until its block is seen).
+    logit_sum_x: jax.Array  # fp32 sum of all logits (only used with label smoothing).
 
 
 def chunk_plan(vocab_size: int, chunk_size: int) -> tuple[int, int, int]:
@@ -155,15 +158,15 @@ def cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weig
         raise ValueError(f"cross_entropy: logit_softcap must be None or positive, got {logit_softcap!r}")
 
     d = hidden.shape[-1]
-    hidden_nd = hidden.reshape(-1, d)
-    targets_n = targets.reshape(-1).astype(jnp.int32)
+    hidden_xd = hidden.reshape(-1, d)
+    targets_x = targets.reshape(-1).astype(jnp.int32)
     if weights is None:
-        weights_n = jnp.ones(targets_n.shape, _F32)
+        weights_x = jnp.ones(targets_x.shape, _F32)
     else:
-        weights_n = weights.reshape(-1).astype(_F32)
+        weights_x = weights.reshape(-1).astype(_F32)
     options = _Options(int(chunk_size), float(z_loss), float(label_smoothing),
                        None if logit_softcap is None else float(logit_softcap))
-    loss, metrics = _blockwise_cross_entropy(hidden_nd, kernel, targets_n, weights_n, options)
+    loss, metrics = _blockwise_cross_entropy(hidden_xd, kernel, targets_x, weights_x, options)
     return loss, {name: lax.stop_gradient(value) for name, value in metrics.items()}
 
 
@@ -172,33 +175,33 @@ def cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weig
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blockwise_cross_entropy(hidden_nd, kernel_dv, targets_n, weights_n, options):
-    stats, _ = _statistics_pass(hidden_nd, kernel_dv, targets_n, options)
-    loss, metrics, _, _, _ = _finish(stats, weights_n, kernel_dv.shape[1], options)
+def _blockwise_cross_entropy(hidden_xd, kernel_dv, targets_x, weights_x, options):
+    stats, _ = _statistics_pass(hidden_xd, kernel_dv, targets_x, options)
+    loss, metrics, _, _, _ = _finish(stats, weights_x, kernel_dv.shape[1], options)
     return loss, metrics
 
 
-def _blockwise_cross_entropy_fwd(hidden_nd, kernel_dv, targets_n, weights_n, options):
-    stats, last_logits_nc = _statistics_pass(hidden_nd, kernel_dv, targets_n, options)
-    loss, metrics, lse_n, ce_n, denominator = _finish(stats, weights_n, kernel_dv.shape[1], options)
-    dhidden_nd, dkernel_dv = _gradient_pass(hidden_nd, kernel_dv, targets_n, weights_n / denominator, lse_n,
-                                            last_logits_nc, options)
-    # d/dw_n of sum(w * ce) / sum(w) = (ce_n - loss) / sum(w); with all weights 0 the loss is 0 and the denominator 1.
-    dweights_n = (ce_n - loss) / denominator
+def _blockwise_cross_entropy_fwd(hidden_xd, kernel_dv, targets_x, weights_x, options):
+    stats, last_logits_xc = _statistics_pass(hidden_xd, kernel_dv, targets_x, options)
+    loss, metrics, lse_x, ce_x, denominator = _finish(stats, weights_x, kernel_dv.shape[1], options)
+    dhidden_xd, dkernel_dv = _gradient_pass(hidden_xd, kernel_dv, targets_x, weights_x / denominator, lse_x,
+                                            last_logits_xc, options)
+    # d/dw_x of sum(w * ce) / sum(w) = (ce_x - loss) / sum(w); with all weights 0 the loss is 0 and the denominator 1.
+    dweights_x = (ce_x - loss) / denominator
     # dhidden stays fp32 until the cotangent is applied; the empty array only records hidden's dtype (residuals must
     # be arrays).
-    return (loss, metrics), (dhidden_nd, dkernel_dv, dweights_n, jnp.zeros((0,), hidden_nd.dtype))
+    return (loss, metrics), (dhidden_xd, dkernel_dv, dweights_x, jnp.zeros((0,), hidden_xd.dtype))
 
 
 def _blockwise_cross_entropy_bwd(options, residuals, cotangents):
     del options
-    dhidden_nd, dkernel_dv, dweights_n, hidden_dtype_marker = residuals
+    dhidden_xd, dkernel_dv, dweights_x, hidden_dtype_marker = residuals
     g = cotangents[0]  # The metrics carry no gradient; their cotangents are dropped.
-    dhidden_nd = (g * dhidden_nd).astype(hidden_dtype_marker.dtype)
+    dhidden_xd = (g * dhidden_xd).astype(hidden_dtype_marker.dtype)
     # Scale in the kernel dtype: an fp32 product would be a kernel-sized fp32 temporary when the kernel is bf16.
     dkernel_dv = dkernel_dv * g.astype(dkernel_dv.dtype)
-    dtargets_n = np.zeros(dweights_n.shape, dtype=jax.dtypes.float0)
-    return dhidden_nd, dkernel_dv, dtargets_n, g * dweights_n
+    dtargets_x = np.zeros(dweights_x.shape, dtype=jax.dtypes.float0)
+    return dhidden_xd, dkernel_dv, dtargets_x, g * dweights_x
 
 
 _blockwise_cross_entropy.defvjp(_blockwise_cross_entropy_fwd, _blockwise_cross_entropy_bwd)
@@ -226,127 +229,127 @@ def _from_bits(x, dtype):
     return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
-def _block_logits(hidden_nd, kernel_dc, options):
+def _block_logits(hidden_xd, kernel_dc, options):
     """`[N, C]` fp32 logits of one block (soft-capped if asked): matmul in hidden's dtype, fp32 accumulation."""
-    logits_nc = lax.dot_general(hidden_nd, kernel_dc.astype(hidden_nd.dtype), (((1,), (0,)), ((), ())),
+    logits_xc = lax.dot_general(hidden_xd, kernel_dc.astype(hidden_xd.dtype), (((1,), (0,)), ((), ())),
                                 preferred_element_type=_F32)
     if options.logit_softcap is not None:
-        logits_nc = options.logit_softcap * jnp.tanh(logits_nc / options.logit_softcap)
-    return logits_nc
+        logits_xc = options.logit_softcap * jnp.tanh(logits_xc / options.logit_softcap)
+    return logits_xc
 
 
-def _update_stats(stats: _Stats, logits_nc, start, targets_n) -> _Stats:
+def _update_stats(stats: _Stats, logits_xc, start, targets_x) -> _Stats:
     """Folds one block of logits (columns `start .. start + C - 1`) into the running statistics."""
-    block_max_n = jnp.max(logits_nc, axis=1)
-    max_n = jnp.maximum(stats.max_n, block_max_n)
+    block_max_x = jnp.max(logits_xc, axis=1)
+    max_x = jnp.maximum(stats.max_x, block_max_x)
     # Online logsumexp: rescale the old sum to the new max (exp(-inf) = 0 on the first block).
-    sumexp_n = (stats.sumexp_n * jnp.exp(stats.max_n - max_n)
-                + jnp.sum(jnp.exp(logits_nc - max_n[:, None]), axis=1))
+    sumexp_x = (stats.sumexp_x * jnp.exp(stats.max_x - max_x)
+                + jnp.sum(jnp.exp(logits_xc - max_x[:, None]), axis=1))
     # The target logit, if in this block: pick one element per row (a gather of N values, not a select over the
     # block), bitwise the logit that entered the max and the logsumexp.
-    local_n = targets_n - start
-    in_block_n = (local_n >= 0) & (local_n < logits_nc.shape[1])
-    picked_n = jnp.take_along_axis(logits_nc, jnp.clip(local_n, 0, logits_nc.shape[1] - 1)[:, None], axis=1)[:, 0]
-    target_logit_n = jnp.where(in_block_n, picked_n, stats.target_logit_n)
-    logit_sum_n = stats.logit_sum_n + jnp.sum(logits_nc, axis=1)  # Dead code (removed) without label smoothing.
-    return _Stats(max_n, sumexp_n, target_logit_n, logit_sum_n)
+    local_x = targets_x - start
+    in_block_x = (local_x >= 0) & (local_x < logits_xc.shape[1])
+    picked_x = jnp.take_along_axis(logits_xc, jnp.clip(local_x, 0, logits_xc.shape[1] - 1)[:, None], axis=1)[:, 0]
+    target_logit_x = jnp.where(in_block_x, picked_x, stats.target_logit_x)
+    logit_sum_x = stats.logit_sum_x + jnp.sum(logits_xc, axis=1)  # Dead code (removed) without label smoothing.
+    return _Stats(max_x, sumexp_x, target_logit_x, logit_sum_x)
 
 
-def _statistics_pass(hidden_nd, kernel_dv, targets_n, options):
+def _statistics_pass(hidden_xd, kernel_dv, targets_x, options):
     """Runs the statistics over all blocks; returns them and the `[N, C]` logits of the last block processed."""
-    n = hidden_nd.shape[0]
+    n = hidden_xd.shape[0]
     vocab = kernel_dv.shape[1]
     num_blocks, width, head_width = chunk_plan(vocab, options.chunk_size)
     kernel_bits_dv = _bits(kernel_dv)
-    stats = _Stats(max_n=jnp.full((n,), -jnp.inf, _F32), sumexp_n=jnp.zeros((n,), _F32),
-                   target_logit_n=jnp.zeros((n,), _F32), logit_sum_n=jnp.zeros((n,), _F32))
+    stats = _Stats(max_x=jnp.full((n,), -jnp.inf, _F32), sumexp_x=jnp.zeros((n,), _F32),
+                   target_logit_x=jnp.zeros((n,), _F32), logit_sum_x=jnp.zeros((n,), _F32))
 
     def kernel_block(start, size):
         return _from_bits(lax.dynamic_slice_in_dim(kernel_bits_dv, start, size, axis=1), kernel_dv.dtype)
 
     # Head block [0, head_width).
-    logits_nc = _block_logits(hidden_nd, kernel_block(0, head_width), options)
-    stats = _update_stats(stats, logits_nc, 0, targets_n)
+    logits_xc = _block_logits(hidden_xd, kernel_block(0, head_width), options)
+    stats = _update_stats(stats, logits_xc, 0, targets_x)
 
     # Middle blocks: start = head_width + i * width for i < num_blocks - 2; never clamped by dynamic_slice.
     if num_blocks > 2:
         def body(stats, i):
             start = head_width + i * width
-            logits_nc = _block_logits(hidden_nd, kernel_block(start, width), options)
-            return _update_stats(stats, logits_nc, start, targets_n), None
+            logits_xc = _block_logits(hidden_xd, kernel_block(start, width), options)
+            return _update_stats(stats, logits_xc, start, targets_x), None
 
         stats, _ = lax.scan(body, stats, jnp.arange(num_blocks - 2, dtype=jnp.int32))
 
     # Last block [V - width, V); its logits are returned for the gradient pass.
     if num_blocks > 1:
-        logits_nc = _block_logits(hidden_nd, kernel_block(vocab - width, width), options)
-        stats = _update_stats(stats, logits_nc, vocab - width, targets_n)
-    return stats, logits_nc
+        logits_xc = _block_logits(hidden_xd, kernel_block(vocab - width, width), options)
+        stats = _update_stats(stats, logits_xc, vocab - width, targets_x)
+    return stats, logits_xc
 
 
-def _finish(stats: _Stats, weights_n, vocab, options):
-    """Loss, metrics and the per-token `lse_n`, `ce_n` from the final statistics; also the loss denominator."""
-    lse_n = stats.max_n + jnp.log(stats.sumexp_n)
+def _finish(stats: _Stats, weights_x, vocab, options):
+    """Loss, metrics and the per-token `lse_x`, `ce_x` from the final statistics; also the loss denominator."""
+    lse_x = stats.max_x + jnp.log(stats.sumexp_x)
     eps = options.label_smoothing
     # -sum_v q_v log p_v with q = (1 - eps) onehot + eps / V; since sum_v q_v = 1 this is lse - sum_v q_v logits_v.
-    ce_n = lse_n - (1.0 - eps) * stats.target_logit_n
+    ce_x = lse_x - (1.0 - eps) * stats.target_logit_x
     if eps:
-        ce_n = ce_n - (eps / vocab) * stats.logit_sum_n
-    z_term_n = options.z_loss * jnp.square(lse_n)
+        ce_x = ce_x - (eps / vocab) * stats.logit_sum_x
+    z_term_x = options.z_loss * jnp.square(lse_x)
     if options.z_loss:
-        ce_n = ce_n + z_term_n
-    weight_sum = jnp.sum(weights_n)
+        ce_x = ce_x + z_term_x
+    weight_sum = jnp.sum(weights_x)
     # Denominator 1 for an all-ignored batch: every sum is then 0, so loss and gradients are 0, never NaN.
     denominator = jnp.where(weight_sum > 0, weight_sum, 1.0)
 
-    def mean(x_n):
+    def mean(values_x):
         # where(), not w * x alone: an ignored token's value must not leak in even if it is inf (0 * inf = NaN).
-        return jnp.sum(jnp.where(weights_n != 0, weights_n * x_n, 0.0)) / denominator
+        return jnp.sum(jnp.where(weights_x != 0, weights_x * values_x, 0.0)) / denominator
 
-    loss = mean(ce_n)
+    loss = mean(ce_x)
     metrics = {
-        "nll": mean(lse_n - stats.target_logit_n),
-        "z_loss": mean(z_term_n),
-        "log_z": mean(lse_n),
+        "nll": mean(lse_x - stats.target_logit_x),
+        "z_loss": mean(z_term_x),
+        "log_z": mean(lse_x),
         # The target is the argmax iff its logit equals the running max (bitwise: it is one of the logits that went
         # into the max). A tie for the max counts as correct; jnp.argmax would pick the lowest tied column.
-        "accuracy": mean((stats.target_logit_n >= stats.max_n).astype(_F32)),
+        "accuracy": mean((stats.target_logit_x >= stats.max_x).astype(_F32)),
         "weight_sum": weight_sum,
     }
-    return loss, metrics, lse_n, ce_n, denominator
+    return loss, metrics, lse_x, ce_x, denominator
 
 
-def _gradient_pass(hidden_nd, kernel_dv, targets_n, scale_n, lse_n, last_logits_nc, options):
-    """Gradients of `sum_n scale_n * ce_n` w.r.t. hidden (`[N, d]` fp32) and kernel (`[d, V]`, kernel dtype).
+def _gradient_pass(hidden_xd, kernel_dv, targets_x, scale_x, lse_x, last_logits_xc, options):
+    """Gradients of `sum_x scale_x * ce_x` w.r.t. hidden (`[N, d]` fp32) and kernel (`[d, V]`, kernel dtype).
 
-    `last_logits_nc` are the logits of the statistics pass's last block (the columns `[V - C, V)`), reused here.
+    `last_logits_xc` are the logits of the statistics pass's last block (the columns `[V - C, V)`), reused here.
     """
     vocab = kernel_dv.shape[1]
     num_blocks, width, head_width = chunk_plan(vocab, options.chunk_size)
     eps, softcap = options.label_smoothing, options.logit_softcap
-    matmul_dtype = hidden_nd.dtype
-    # d ce_n / d logits_nv = p_nv * (1 + 2 z lse_n) - (1 - eps) [v == y_n] - eps / V   (times tanh' with a soft-cap),
+    matmul_dtype = hidden_xd.dtype
+    # d ce_x / d logits_xv = p_xv * (1 + 2 z lse_x) - (1 - eps) [v == y_x] - eps / V   (times tanh' with a soft-cap),
     # with the loss weight folded into the per-token factors.
-    prob_scale_n = scale_n * (1.0 + 2.0 * options.z_loss * lse_n)
-    target_scale_n = scale_n * (1.0 - eps)
-    uniform_scale_n = scale_n * (eps / vocab)
+    prob_scale_x = scale_x * (1.0 + 2.0 * options.z_loss * lse_x)
+    target_scale_x = scale_x * (1.0 - eps)
+    uniform_scale_x = scale_x * (eps / vocab)
 
-    def block_gradients(logits_nc, kernel_dc, start):
-        columns_c = start + jnp.arange(logits_nc.shape[1], dtype=jnp.int32)
-        is_target_nc = columns_c[None, :] == targets_n[:, None]
-        probs_nc = jnp.exp(logits_nc - lse_n[:, None])
-        dlogits_nc = probs_nc * prob_scale_n[:, None] - jnp.where(is_target_nc, target_scale_n[:, None], 0.0)
+    def block_gradients(logits_xc, kernel_dc, start):
+        columns_c = start + jnp.arange(logits_xc.shape[1], dtype=jnp.int32)
+        is_target_xc = columns_c[None, :] == targets_x[:, None]
+        probs_xc = jnp.exp(logits_xc - lse_x[:, None])
+        dlogits_xc = probs_xc * prob_scale_x[:, None] - jnp.where(is_target_xc, target_scale_x[:, None], 0.0)
         if eps:
-            dlogits_nc = dlogits_nc - uniform_scale_n[:, None]
+            dlogits_xc = dlogits_xc - uniform_scale_x[:, None]
         if softcap is not None:
             # logits = c tanh(raw / c)  =>  d logits / d raw = 1 - tanh^2 = 1 - (logits / c)^2.
-            dlogits_nc = dlogits_nc * (1.0 - jnp.square(logits_nc / softcap))
-        dlogits_nc = dlogits_nc.astype(matmul_dtype)  # The one cast, after all fp32 arithmetic.
-        dhidden_nd = lax.dot_general(dlogits_nc, kernel_dc.astype(matmul_dtype), (((1,), (1,)), ((), ())),
+            dlogits_xc = dlogits_xc * (1.0 - jnp.square(logits_xc / softcap))
+        dlogits_xc = dlogits_xc.astype(matmul_dtype)  # The one cast, after all fp32 arithmetic.
+        dhidden_xd = lax.dot_general(dlogits_xc, kernel_dc.astype(matmul_dtype), (((1,), (1,)), ((), ())),
                                      preferred_element_type=_F32)
-        dkernel_dc = lax.dot_general(hidden_nd, dlogits_nc, (((0,), (0,)), ((), ())),
+        dkernel_dc = lax.dot_general(hidden_xd, dlogits_xc, (((0,), (0,)), ((), ())),
                                      preferred_element_type=_F32).astype(kernel_dv.dtype)
-        return dhidden_nd, dkernel_dc
+        return dhidden_xd, dkernel_dc
 
     kernel_bits_dv = _bits(kernel_dv)
 
@@ -360,26 +363,26 @@ def _gradient_pass(hidden_nd, kernel_dv, targets_n, scale_n, lse_n, last_logits_
     dkernel_bits_dv = jnp.zeros(kernel_dv.shape, kernel_bits_dv.dtype)
 
     # The last block first, from the logits still at hand (no recomputation).
-    last_start = vocab - last_logits_nc.shape[1]
-    dhidden_nd, dkernel_dc = block_gradients(last_logits_nc, kernel_block(last_start, last_logits_nc.shape[1]),
+    last_start = vocab - last_logits_xc.shape[1]
+    dhidden_xd, dkernel_dc = block_gradients(last_logits_xc, kernel_block(last_start, last_logits_xc.shape[1]),
                                              last_start)
     dkernel_bits_dv = write_block(dkernel_bits_dv, dkernel_dc, last_start)
 
     if num_blocks > 1:
         kernel_dc = kernel_block(0, head_width)
-        dhidden_head_nd, dkernel_dc = block_gradients(_block_logits(hidden_nd, kernel_dc, options), kernel_dc, 0)
-        dhidden_nd = dhidden_nd + dhidden_head_nd
+        dhidden_head_xd, dkernel_dc = block_gradients(_block_logits(hidden_xd, kernel_dc, options), kernel_dc, 0)
+        dhidden_xd = dhidden_xd + dhidden_head_xd
         dkernel_bits_dv = write_block(dkernel_bits_dv, dkernel_dc, 0)
 
     if num_blocks > 2:
         def body(carry, i):
-            dhidden_nd, dkernel_bits_dv = carry
+            dhidden_xd, dkernel_bits_dv = carry
             start = head_width + i * width
             kernel_dc = kernel_block(start, width)
-            dhidden_block_nd, dkernel_dc = block_gradients(_block_logits(hidden_nd, kernel_dc, options), kernel_dc,
+            dhidden_block_xd, dkernel_dc = block_gradients(_block_logits(hidden_xd, kernel_dc, options), kernel_dc,
                                                            start)
-            return (dhidden_nd + dhidden_block_nd, write_block(dkernel_bits_dv, dkernel_dc, start)), None
+            return (dhidden_xd + dhidden_block_xd, write_block(dkernel_bits_dv, dkernel_dc, start)), None
 
-        (dhidden_nd, dkernel_bits_dv), _ = lax.scan(body, (dhidden_nd, dkernel_bits_dv),
+        (dhidden_xd, dkernel_bits_dv), _ = lax.scan(body, (dhidden_xd, dkernel_bits_dv),
                                                     jnp.arange(num_blocks - 2, dtype=jnp.int32))
-    return dhidden_nd, _from_bits(dkernel_bits_dv, kernel_dv.dtype)
+    return dhidden_xd, _from_bits(dkernel_bits_dv, kernel_dv.dtype)

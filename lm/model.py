@@ -1,14 +1,15 @@
 """The decoder-only Transformer, a Flax Linen module used functionally (`init` / `apply`).
 
-Axis letters in names: b batch, t length, d d_model, n query heads, g key/value heads, h head dim, f MLP hidden,
-v vocabulary, l layers.
+Axis letters in names follow the package legend (`lm/__init__.py`): b batch, t positions, s key/value slots,
+d d_model, n query heads, g key/value heads, h head dim, k rotary frequencies, f MLP hidden, v vocabulary, l layers.
 
     tokens_bt ─embed─▶ x_btd (+ learned / sinusoidal positions) ─▶ L × Block ─▶ final norm ─▶ hidden_btd
 
 `Transformer.__call__` returns the final-normed hidden states; the LM head is not applied there. Training passes the
 head's kernel (`Transformer.output_kernel`, `[d, v]`) to `lm.loss.cross_entropy`, which applies it chunk by chunk over
 the vocabulary. Decoding (`lm.generate`) calls `Transformer.decode`, which runs new tokens against a `KVCache` and
-returns logits for the last position only.
+returns logits for the last position only. Wherever logits are formed (`Transformer.logits`, the blockwise loss),
+`config.model.logit_softcap` caps them the same way, so sampling draws from the distribution that was trained.
 
 Every parameter is created through `nn.with_logical_partitioning` with the logical axis names of DESIGN.md
 (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, and `layers` for the scanned stack), so the sharding rules
@@ -389,8 +390,15 @@ class Transformer(nn.Module):
         return kernel_dv.astype(self.cfg.dtype)
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
-        """Logits `[..., vocab]` in fp32 for the given hidden states (decoding: only the positions it needs)."""
-        return jnp.einsum("...d,dv->...v", hidden_btd, self.output_kernel(), preferred_element_type=jnp.float32)
+        """Logits `[..., vocab]` in fp32 for the given hidden states (decoding: only the positions it needs),
+        soft-capped by `logit_softcap` when set."""
+        logits_btv = jnp.einsum("...d,dv->...v", hidden_btd, self.output_kernel(), preferred_element_type=jnp.float32)
+        return softcap(logits_btv, self.cfg.logit_softcap)
+
+
+def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(logits / cap)` (Gemma 2's final-logit soft-cap), or `logits` unchanged when `cap` is None."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def build(config: ml_collections.ConfigDict) -> Transformer:
@@ -402,3 +410,9 @@ def init(model: Transformer, rng: jax.Array, batch_size: int = 1, length: int = 
     """Initial parameters, boxed in `nn.Partitioned` with logical axis names. Use under `jax.eval_shape` for shapes."""
     tokens_bt = jnp.zeros((batch_size, length), jnp.int32)
     return model.init(rng, tokens_bt)["params"]
+
+
+def abstract_params(model: Transformer):
+    """The parameters' shapes and dtypes (`jax.ShapeDtypeStruct`s, nothing allocated), still boxed in
+    `nn.Partitioned` with their logical axis names: what `lm.sharding.Shardings` places."""
+    return jax.eval_shape(lambda: init(model, jax.random.key(0)))

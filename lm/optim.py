@@ -1,6 +1,7 @@
 """The optimizer: an optax chain built from `config.optim`.
 
-    clip_by_global_norm(grad_clip_norm) -> {adamw | lion | sgd+momentum | adafactor}(schedule, masked weight decay)
+    apply_if_finite(clip_by_global_norm(grad_clip_norm) -> {adamw | lion | sgd+momentum | adafactor}(schedule,
+                                                                                       masked weight decay))
 
 - Schedule: linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine, linear or constant decay to
   `end_lr_ratio * learning_rate` at `total_steps`.
@@ -10,6 +11,10 @@
   while the model computes in `config.model.dtype`.
 - Gradient accumulation over `microbatches` happens inside the train step (`lm.train_step`), so one optimizer update
   is one step of the global batch.
+- Non-finite gradients (a NaN or Inf anywhere) skip the update: `optax.apply_if_finite` leaves the parameters and
+  the inner optimizer state as they were and counts the skip in its state (`notfinite_count`, consecutive;
+  `total_notfinite`; `last_finite`). The trainer stops the run after `config.max_consecutive_skips` in a row,
+  before optax would give up and apply one (`skip_counts` reads the counters).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import jax
 import ml_collections
 import optax
+
+from lm.errors import ConfigError
 
 # Parameter names (last path element) that are never weight-decayed, and the embedding tables.
 _NO_DECAY_NAMES = ("scale", "bias")
@@ -36,7 +43,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     elif o.schedule == "constant":
         decay = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"config.optim.schedule={o.schedule!r} is not one of cosine, linear, constant")
+        raise ConfigError(f"config.optim.schedule={o.schedule!r} is not one of cosine, linear, constant")
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -70,7 +77,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     elif o.optimizer == "adafactor":
         core = optax.adafactor(schedule, weight_decay_rate=o.weight_decay or None, weight_decay_mask=mask)
     else:
-        raise ValueError(f"config.optim.optimizer={o.optimizer!r} is not one of adamw, lion, sgd, adafactor")
+        raise ConfigError(f"config.optim.optimizer={o.optimizer!r} is not one of adamw, lion, sgd, adafactor")
     if o.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), core)
-    return core
+        core = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), core)
+    return optax.apply_if_finite(core, max_consecutive_errors=config.max_consecutive_skips)
+
+
+def skip_counts(opt_state: optax.ApplyIfFiniteState) -> dict[str, jax.Array]:
+    """The non-finite guard's counters after an update, as fp32 metrics: `skipped` (1 if this update was dropped),
+    `consecutive_skips` and `skipped_total` (over the whole run, resumes included)."""
+    return {"skipped": 1.0 - opt_state.last_finite.astype("float32"),
+            "consecutive_skips": opt_state.notfinite_count.astype("float32"),
+            "skipped_total": opt_state.total_notfinite.astype("float32")}

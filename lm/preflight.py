@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from absl import app, flags
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ from lm import flops
 from lm import model as model_lib
 from lm import optim
 from lm import sharding as sharding_lib
+from lm.errors import ArgumentError
 
 GB = 1e9
 
@@ -58,7 +59,7 @@ DEVICE_KINDS = {
 }
 
 
-class PreflightError(ValueError):
+class PreflightError(ArgumentError):
     """A pre-flight argument (`--mesh`, `--device`, `--mfu`) is malformed. The message is one line."""
 
 
@@ -313,6 +314,7 @@ def report(config: ml_collections.ConfigDict, result: Estimate) -> str:
 def _define_flags() -> None:
     """The CLI's flags, defined only when it runs, so importing this module (`lm.bench.sharding`) defines none."""
     config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+    flags.mark_flag_as_required("config")
     flags.DEFINE_string("mesh", None, "Target mesh as total axis sizes, e.g. data=1,fsdp=64,tensor=1 (unnamed axes "
                         "1); default: config.mesh over --devices.")
     flags.DEFINE_integer("devices", None, "Number of target devices; needed when a mesh size is -1.")
@@ -323,18 +325,15 @@ def _define_flags() -> None:
 def main(argv):
     del argv
     args = flags.FLAGS
-    if args.config is None:
-        raise app.UsageError("--config=configs/NAME.py is required")
     # Nothing here computes: keep JAX off any accelerator of this machine (and off its memory).
     jax.config.update("jax_platforms", "cpu")
-    try:
-        mesh_config = parse_mesh(args.mesh) if args.mesh else args.config.mesh
-        result = estimate(args.config, mesh_sizes(mesh_config, args.devices), args.device, args.mfu)
-    except (PreflightError, lm_config.ConfigError) as error:
-        raise SystemExit(f"error: {error}") from None
+    mesh_config = parse_mesh(args.mesh) if args.mesh else args.config.mesh
+    result = estimate(args.config, mesh_sizes(mesh_config, args.devices), args.device, args.mfu)
     print(report(args.config, result))
 
 
 if __name__ == "__main__":
+    from lm import cli
+
     _define_flags()
-    app.run(main)
+    cli.run(main)

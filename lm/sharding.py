@@ -1,4 +1,9 @@
-"""The device mesh, logical-axis rules and ZeRO stages, all expressed as `NamedSharding`s.
+"""Placement: the device mesh, logical-axis rules and ZeRO stages, all expressed as `NamedSharding`s.
+
+Every program that puts a model on devices (training, restoring, evaluation, sampling, the pre-flight) asks this
+module: `make_mesh` / `default_mesh` for the mesh, `model_shardings(config, mesh, optimizer)` for the `Shardings` of
+the config's model (and optimizer state) on it, `abstract_arrays` for the `ShapeDtypeStruct`s that orbax restores
+into.
 
 One mesh with axes `data`, `fsdp`, `tensor`. Parameters carry logical axis names (`embed`, `heads`, ...; see
 `lm.model`); `config.sharding.logical_axis_rules` maps them to mesh axes. ZeRO is nothing but a choice of shardings,
@@ -33,7 +38,8 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
-from lm import config as lm_config
+from lm import model as model_lib
+from lm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_AXES = ("data", "fsdp")  # The data-parallel axes: batch and ZeRO partitioning.
@@ -45,20 +51,20 @@ def _fill_sizes(sizes: dict[str, int], device_count: int, what: str) -> dict[str
     """Replaces one -1 with what is left of `device_count`; checks the product."""
     unknown = [axis for axis, size in sizes.items() if size == -1]
     if len(unknown) > 1:
-        raise lm_config.ConfigError(
+        raise ConfigError(
             f"{what}: only one mesh axis may be -1, got {', '.join(f'{a}=-1' for a in unknown)}")
     for axis, size in sizes.items():
         if size != -1 and (not isinstance(size, int) or size < 1):
-            raise lm_config.ConfigError(f"{what}: mesh axis {axis} must be a positive integer or -1, got {size!r}")
+            raise ConfigError(f"{what}: mesh axis {axis} must be a positive integer or -1, got {size!r}")
     known = math.prod(size for size in sizes.values() if size != -1)
     if unknown:
         if device_count % known:
-            raise lm_config.ConfigError(
+            raise ConfigError(
                 f"{what}: {device_count} devices do not divide by the fixed axes' product {known}")
         sizes = {**sizes, unknown[0]: device_count // known}
     if math.prod(sizes.values()) != device_count:
         shape = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
-        raise lm_config.ConfigError(
+        raise ConfigError(
             f"{what}: {shape} = {math.prod(sizes.values())} devices, but there are {device_count}")
     return sizes
 
@@ -83,7 +89,7 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int,
     dcn = _fill_sizes(dcn, math.prod(s for s in dcn.values() if s != -1), "config.mesh.dcn_*")
     dcn_product = math.prod(dcn.values())
     if device_count % dcn_product:
-        raise lm_config.ConfigError(
+        raise ConfigError(
             f"config.mesh.dcn_*: {device_count} devices do not split into {dcn_product} hosts/slices")
     ici = _fill_sizes(ici, device_count // dcn_product, "config.mesh")
     return {axis: (ici[axis], dcn[axis]) for axis in MESH_AXES}
@@ -113,6 +119,27 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
     return Mesh(device_array, MESH_AXES)
 
 
+def default_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The run's own mesh (`config.mesh`) when it fits the devices here, else every device on `fsdp` (parameters
+    sharded, so a model trained on many devices still fits; batches are split over (data, fsdp) either way)."""
+    devices = jax.devices() if devices is None else devices
+    try:
+        return make_mesh(config.mesh, devices)
+    except ConfigError:
+        fallback = ml_collections.ConfigDict(config.mesh.to_dict())
+        fallback.update(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+        return make_mesh(fallback, devices)
+
+
+def mesh_of(params, config: ml_collections.ConfigDict) -> Mesh:
+    """The mesh `params` live on (as `lm.checkpoint.restore` placed them), or `default_mesh(config)` for arrays
+    without a `NamedSharding`."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return sharding.mesh
+    return default_mesh(config)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in DATA_AXES)
 
@@ -120,6 +147,11 @@ def data_parallel_size(mesh: Mesh) -> int:
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                  for name, axes in config.sharding.logical_axis_rules)
+
+
+def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh) -> NamedSharding:
+    """Sharding of `[batch, length]` arrays (batches, token ids) by the config's logical rules."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), logical_rules(config)))
 
 
 def _without_axes(rules, removed: Sequence[str]):
@@ -195,7 +227,7 @@ class Shardings:
         self.params = to_named(zero_specs if self.zero_stage >= 3 else tp_specs)
         self.grads = to_named(zero_specs if self.zero_stage >= 2 else tp_specs)
         self._state_specs = zero_specs if self.zero_stage >= 1 else tp_specs
-        self.batch = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), self.rules))
+        self.batch = batch_sharding(config, mesh)
         self.replicated = NamedSharding(mesh, P())
         self.opt_state = None if optimizer is None else self.optimizer_state(optimizer)
 
@@ -227,16 +259,31 @@ class Shardings:
             transform_non_params=other_leaf, is_leaf=lambda x: isinstance(x, P))
 
 
+def model_shardings(config: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh,
+                    optimizer: optax.GradientTransformation | None = None,
+                    model: model_lib.Transformer | None = None) -> Shardings:
+    """The `Shardings` of `config`'s model (and of `optimizer`'s state, if given) on `mesh`, from abstract
+    parameters (nothing is allocated). `model`: the `lm.model.Transformer` already built for `config`, if any."""
+    model = model_lib.build(config) if model is None else model
+    return Shardings(config, mesh, model_lib.abstract_params(model), optimizer)
+
+
+def abstract_arrays(shapes, shardings):
+    """`jax.ShapeDtypeStruct`s of a tree of arrays (or of shapes) with the matching tree of shardings attached:
+    the target orbax restores into, directly on the devices each sharding names."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def check_divisibility(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Errors, before any compile, for shapes the mesh cannot split."""
     dp = data_parallel_size(mesh)
     if config.data.batch_size % dp:
-        raise lm_config.ConfigError(
+        raise ConfigError(
             f"config.data.batch_size={config.data.batch_size} must be divisible by the data-parallel size "
             f"data*fsdp={dp}")
     microbatches = config.optim.microbatches
     if config.data.batch_size % (dp * microbatches):
-        raise lm_config.ConfigError(
+        raise ConfigError(
             f"config.data.batch_size={config.data.batch_size} must split into config.optim.microbatches="
             f"{microbatches} micro-batches each divisible by data*fsdp={dp}")
     tensor = mesh.shape["tensor"]
@@ -244,7 +291,7 @@ def check_divisibility(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         value = config.model[field]
         if value % tensor:
             hint = " (pad the vocabulary to a multiple of 128)" if field == "vocab_size" else ""
-            raise lm_config.ConfigError(
+            raise ConfigError(
                 f"config.model.{field}={value} must be divisible by the tensor-parallel size config.mesh.tensor="
                 f"{tensor}{hint}")
 

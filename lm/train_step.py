@@ -1,13 +1,11 @@
 """The train state and the sharded, jitted train step.
 
-    batch ─▶ [micro-batches, lax.scan] ─▶ model.apply ─▶ hidden_btd ─▶ lm.loss.cross_entropy(hidden, LM head)
-          ─▶ grads (constrained to the ZeRO-stage sharding) ─▶ optax update ─▶ new state (skipped if not finite)
+    batch ─▶ [micro-batches, lax.scan] ─▶ lm.objective.lm_loss (model.apply, then the blockwise cross-entropy)
+          ─▶ grads (constrained to the ZeRO-stage sharding) ─▶ optax update (dropped if not finite) ─▶ new state
 
 `make_train_step` returns `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)` whose shardings come from
-`lm.sharding.Shardings`; XLA's partitioner turns them into the collectives of the chosen ZeRO stage.
-
-A batch is a dict of `[batch, length]` arrays: `inputs`, `targets` (int32), and optionally `weights` (float32, 0 on
-padding), `segment_ids` and `positions` (int32) for packed rows.
+`lm.sharding.Shardings`; XLA's partitioner turns them into the collectives of the chosen ZeRO stage. Batches are as
+`lm.objective` describes them.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import config as lm_config
-from lm import loss as loss_lib
 from lm import model as model_lib
+from lm import objective
 from lm import optim
 from lm import sharding as sharding_lib
 
@@ -55,15 +53,13 @@ class Training:
 
     def abstract_state(self) -> TrainState:
         """`ShapeDtypeStruct`s of the train state with their shardings (no allocation): the restore target."""
-        shapes = jax.eval_shape(self.init_state)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            shapes, state_shardings(self.shardings))
+        params = self.shardings.abstract_params
+        shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                            opt_state=jax.eval_shape(self.optimizer.init, params))
+        return sharding_lib.abstract_arrays(shapes, state_shardings(self.shardings))
 
     def train_step(self):
         return make_train_step(self.config, self.model, self.optimizer, self.shardings)
-
-    def eval_step(self):
-        return make_eval_step(self.config, self.model, self.shardings)
 
 
 def build(config: ml_collections.ConfigDict, devices=None) -> Training:
@@ -72,14 +68,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Training:
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     sharding_lib.check_divisibility(config, mesh)
     optimizer = optim.make_optimizer(config)
-    return Training(config, mesh, model_lib.build(config), optimizer, model_shardings(config, mesh, optimizer))
-
-
-def model_shardings(config: ml_collections.ConfigDict, mesh, optimizer=None) -> sharding_lib.Shardings:
-    """The `Shardings` of `config`'s model (and `optimizer`'s state, if given) on `mesh`, from abstract parameters."""
     model = model_lib.build(config)
-    boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
-    return sharding_lib.Shardings(config, mesh, boxed_params, optimizer)
+    return Training(config, mesh, model, optimizer, sharding_lib.model_shardings(config, mesh, optimizer, model))
 
 
 def state_shardings(shardings: sharding_lib.Shardings) -> TrainState:
@@ -96,28 +86,14 @@ def init_train_state(config, model, optimizer, shardings: sharding_lib.Shardings
     return jax.jit(init, out_shardings=state_shardings(shardings))(rng)
 
 
-def loss_fn(params, batch: dict[str, jax.Array], model: model_lib.Transformer, config: ml_collections.ConfigDict):
-    """Chunked cross-entropy of the model on a batch: `(loss, aux)` as `lm.loss.cross_entropy` returns them."""
-
-    def hidden_and_head(module: model_lib.Transformer):
-        hidden_btd = module(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-        return hidden_btd, module.output_kernel()
-
-    hidden_btd, kernel_dv = model.apply({"params": params}, method=hidden_and_head)
-    c = config.loss
-    return loss_lib.cross_entropy(
-        hidden_btd, kernel_dv, batch["targets"], batch.get("weights"), chunk_size=c.chunk_size, z_loss=c.z_loss,
-        label_smoothing=c.label_smoothing, logit_softcap=c.logit_softcap)
-
-
 def _split_microbatches(batch, microbatches: int, batch_sharding: NamedSharding):
-    """`[B, L]` -> `[M, B/M, L]` with row `i*M + j` in micro-batch j, so each device's rows stay on that device."""
+    """`[b, t]` -> `[m, b/m, t]` with row `i*m + j` in micro-batch j, so each device's rows stay on that device."""
 
-    def split(x_bl):
-        x_kml = x_bl.reshape(x_bl.shape[0] // microbatches, microbatches, *x_bl.shape[1:])
-        x_mkl = jnp.swapaxes(x_kml, 0, 1)
+    def split(x_bt):
+        x_bmt = x_bt.reshape(x_bt.shape[0] // microbatches, microbatches, *x_bt.shape[1:])
+        x_mbt = jnp.swapaxes(x_bmt, 0, 1)
         spec = P(None, *batch_sharding.spec)
-        return jax.lax.with_sharding_constraint(x_mkl, NamedSharding(batch_sharding.mesh, spec))
+        return jax.lax.with_sharding_constraint(x_mbt, NamedSharding(batch_sharding.mesh, spec))
 
     return jax.tree.map(split, batch)
 
@@ -129,11 +105,11 @@ def _loss_and_grads(params, batch, model, config, shardings: sharding_lib.Shardi
     microbatches = config.optim.microbatches
     constrain = lambda tree: jax.lax.with_sharding_constraint(tree, shardings.grads)
     if microbatches == 1:
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, model, config)
+        (loss, aux), grads = jax.value_and_grad(objective.lm_loss, has_aux=True)(params, batch, model, config)
         return loss, aux, constrain(grads)
 
     def token_sum_loss(p, micro_batch):
-        loss, aux = loss_fn(p, micro_batch, model, config)
+        loss, aux = objective.lm_loss(p, micro_batch, model, config)
         return loss * aux["weight_sum"], aux
 
     def accumulate(carry, micro_batch):
@@ -145,7 +121,8 @@ def _loss_and_grads(params, batch, model, config, shardings: sharding_lib.Shardi
         return (grads_acc, loss_acc + loss_sum, aux_acc), None
 
     micro = _split_microbatches(batch, microbatches, shardings.batch)
-    aux_shapes = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), model, config)[1])
+    aux_shapes = jax.eval_shape(
+        lambda: objective.lm_loss(params, jax.tree.map(lambda x: x[0], micro), model, config)[1])
     init = (constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)),
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
@@ -166,33 +143,27 @@ def make_train_step(
     """The jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
 
     Metrics (fp32 scalars): `loss` (the training objective, z-loss included), `nll`, `z_loss`, `accuracy`,
-    `grad_norm` (before clipping), `learning_rate` (of this step), `tokens` (weight sum) and `skipped` (1 when the
-    loss or gradient norm was not finite and the update was dropped: parameters and optimizer state unchanged).
+    `grad_norm` (before clipping), `learning_rate` (of this step), `tokens` (weight sum), and the non-finite guard's
+    `skipped` (1 when a gradient was not finite and the update was dropped: parameters and optimizer state
+    unchanged), `consecutive_skips` and `skipped_total` (`lm.optim.skip_counts`).
     """
     schedule = optim.learning_rate_schedule(config)
 
     def step(state: TrainState, batch):
         with shardings.activation_rules():
             loss, aux, grads = _loss_and_grads(state.params, batch, model, config, shardings)
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_new = lambda new, old: jnp.where(finite, new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=jax.tree.map(keep_new, new_params, state.params),
-            opt_state=jax.tree.map(keep_new, new_opt_state, state.opt_state),
-        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                               opt_state=opt_state)
         metrics = {
             "loss": loss,
             "nll": aux["nll"],
             "z_loss": aux["z_loss"],
             "accuracy": aux["accuracy"],
-            "grad_norm": grad_norm,
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "tokens": aux["weight_sum"],
-            "skipped": 1.0 - finite.astype(jnp.float32),
+            **optim.skip_counts(opt_state),
         }
         return new_state, metrics
 
@@ -203,16 +174,3 @@ def make_train_step(
         out_shardings=(state_sharding, shardings.replicated),
         donate_argnums=0,
     )
-
-
-def make_eval_step(config: ml_collections.ConfigDict, model: model_lib.Transformer, shardings: sharding_lib.Shardings):
-    """The jitted `eval_step(params, batch) -> sums`: token-weighted sums of the negative log-likelihood (no z-loss,
-    no smoothing), correct predictions and weights, to be added over batches (padding has weight 0)."""
-
-    def step(params, batch):
-        with shardings.activation_rules():
-            _, aux = loss_fn(params, batch, model, config)
-        return {"nll_sum": aux["nll"] * aux["weight_sum"], "correct_sum": aux["accuracy"] * aux["weight_sum"],
-                "weight_sum": aux["weight_sum"]}
-
-    return jax.jit(step, in_shardings=(shardings.params, shardings.batch), out_shardings=shardings.replicated)

@@ -1,7 +1,74 @@
-"""Test setup: 8 simulated CPU devices, set before JAX is imported anywhere, so every test can build real meshes."""
+"""Test setup: 8 simulated CPU devices, set before JAX is imported anywhere, so every test can build real meshes; and
+the fixtures several modules share: one tokenizer/dataset cache, a runner for lm's programs, one small trained run.
+"""
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# configs/tiny.py shrunk so a run takes seconds; 4 heads / 2 KV heads so a (data, fsdp, tensor) = (2, 2, 2) mesh
+# splits heads too.
+SMALL_MODEL = [
+    "--config=configs/tiny.py", "--config.model.num_layers=2", "--config.model.d_model=64",
+    "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=128",
+    "--config.data.seq_len=32", "--config.data.batch_size=8",
+]
+
+
+def environment(devices: int = 1) -> dict[str, str]:
+    """The environment of an lm program started by a test: `devices` simulated CPU devices."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def lm_cache(tmp_path_factory) -> str:
+    """One `config.data.cache_dir` for the session: the default corpus is prepared and its tokenizer trained once."""
+    return str(tmp_path_factory.mktemp("lm_cache"))
+
+
+@pytest.fixture(scope="session")
+def lm_command(lm_cache):
+    """`lm_command(module, *args)`: the command line of `python -m module args`, with the session's cache
+    directory added to every program given a `--config=`."""
+
+    def command(module: str, *args: str) -> list[str]:
+        if any(a.startswith("--config=") for a in args):
+            args = (*args, f"--config.data.cache_dir={lm_cache}")
+        return [sys.executable, "-m", module, *args]
+
+    return command
+
+
+@pytest.fixture(scope="session")
+def run_lm(lm_command):
+    """`run_lm(module, *args, devices=1, check=True)`: runs `python -m module args` as a user would, returns the
+    `CompletedProcess` (text output); with `check`, a failure raises with the program's output."""
+
+    def run(module: str, *args: str, devices: int = 1, check: bool = True, timeout: int = 600):
+        result = subprocess.run(lm_command(module, *args), env=environment(devices), cwd=REPO, capture_output=True,
+                                text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def small_run(run_lm, tmp_path_factory) -> str:
+    """The workdir of a 4-step run of the small model on the default corpus, trained on a (2, 2, 2) mesh of 8
+    devices: checkpoints at steps 2 and 4, a metrics line per step, evaluated (2 batches) at step 4."""
+    workdir = str(tmp_path_factory.mktemp("small_run") / "workdir")
+    run_lm("lm.train", f"--workdir={workdir}", *SMALL_MODEL, "--config.log_every=1", "--config.eval_every=4",
+           "--config.eval_steps=2", "--config.checkpoint_every=2", "--config.total_steps=4", "--config.mesh.data=2",
+           "--config.mesh.fsdp=2", "--config.mesh.tensor=2", devices=8)
+    return workdir

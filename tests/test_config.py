@@ -52,6 +52,9 @@ INVALID = [
                                                      r"config\.data\.seq_len=128"),
     ({"sharding.zero_stage": 4}, r"config\.sharding\.zero_stage=4 is not one of 0, 1, 2, 3"),
     ({"model.rope_theta": 0.0}, r"config\.model\.rope_theta must be positive"),
+    ({"model.logit_softcap": 0.0}, r"config\.model\.logit_softcap must be None or positive"),
+    ({"eval_steps": 0}, r"config\.eval_steps must be a positive integer or -1 \(the whole split\), got 0"),
+    ({"eval_steps": -2}, r"config\.eval_steps must be a positive integer or -1"),
 ]
 
 
@@ -61,3 +64,17 @@ def test_invalid_config_raises_one_line_error_naming_the_field(overrides, messag
     with pytest.raises(lm_config.ConfigError, match=message) as error:
         lm_config.validate(config)
     assert "\n" not in str(error.value)
+
+
+def test_workdir_config_round_trips_through_config_json(tmp_path):
+    config = lm_config.load("configs/tiny.py", **{"model.num_layers": 2, "model.logit_softcap": 30.0})
+    lm_config.write_config(str(tmp_path), config)
+    read = lm_config.read_config(str(tmp_path))
+    assert read.to_dict() == config.to_dict()
+    assert isinstance(read.sharding.logical_axis_rules, tuple)
+    lm_config.check_same_model(str(tmp_path), config)
+    config.model.d_model = 128
+    with pytest.raises(lm_config.CheckpointError, match=r"another model \(config\.model d_model: 256 in the workdir, 128 now"):
+        lm_config.check_same_model(str(tmp_path), config)
+    with pytest.raises(lm_config.CheckpointError, match="is not an lm workdir"):
+        lm_config.read_config(str(tmp_path / "missing"))

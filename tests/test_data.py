@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from lm import config as lm_config
-from lm.config import ConfigError
-from lm.data import packing, pipeline, sources
+from lm import sharding
+from lm.data import packing, pipeline, sources, text_files, tokenizer_training
 from lm.data import tokenizer as tokenizer_lib
+from lm.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 32
@@ -42,7 +43,8 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(cache_dir):
     """The default tokenizer (BPE, 2048 pieces) trained once on the default corpus."""
-    return tokenizer_lib.get_tokenizer(_config(cache_dir))
+    config = _config(cache_dir)
+    return tokenizer_training.get_or_train(config, sources.resolve(config, "train"))
 
 
 def _words(rng, n):
@@ -174,9 +176,32 @@ def test_segment_ids_positions_and_weights_are_right_at_every_boundary(files_con
     assert boundaries > 50
 
 
-def test_padding_only_mode_puts_one_document_per_row_and_masks_padding(files_config, tokenizer):
-    it = pipeline.make_eval_iterator(files_config, tokenizer=tokenizer, pack=False, num_epochs=1,
-                                     process_index=0, process_count=1)
+def _segments(batches):
+    """Every segment of every row, as the tokens it holds, in row order: its inputs, then its last target when that
+    is in the segment (a segment that ends the row's window has its last token only as a target)."""
+    segments = []
+    for batch in batches:
+        for inputs, targets, seg, weights in zip(batch["inputs"], batch["targets"], batch["segment_ids"],
+                                                 batch["weights"]):
+            for s in np.unique(seg[seg > 0]):
+                where = np.flatnonzero(seg == s)
+                last = targets[where[-1]:where[-1] + 1] if weights[where[-1]] else []
+                segments.append(np.append(inputs[where], last))
+    return segments
+
+
+def test_document_windows_make_every_token_but_the_first_a_target_once():
+    for n in (2, 3, 8, 9, 10, 17, 30):
+        tokens = np.arange(100, 100 + n)
+        windows = packing.document_windows(tokens, seq_len=8)
+        assert all(2 <= len(w) <= 9 for w in windows)
+        np.testing.assert_array_equal(np.concatenate([w[1:] for w in windows]), tokens[1:])
+        assert all(w[0] == previous[-1] for previous, w in zip(windows, windows[1:]))
+
+
+def test_pad_layout_puts_one_window_of_one_document_per_row_and_masks_padding(files_config, tokenizer):
+    it = pipeline.make_train_iterator(files_config, tokenizer=tokenizer, shuffle=False, layout="pad", num_epochs=1,
+                                      process_index=0, process_count=1)
     batches = list(it)
     rows = {k: np.concatenate([b[k] for b in batches]) for k in packing.FEATURES}
     seg, w = rows["segment_ids"], rows["weights"]
@@ -184,15 +209,36 @@ def test_padding_only_mode_puts_one_document_per_row_and_masks_padding(files_con
     assert (w[seg == 0] == 0).all() and (rows["inputs"][seg == 0] == 0).all()
     assert ((seg == 0).sum(axis=1) > 0).any(), "some rows are padded"
     real = seg.sum(axis=1) > 0
-    # Rows hold a prefix of real tokens; positions count them; the last real position has no target in the row.
+    # Rows hold a prefix of real tokens; positions count them.
     np.testing.assert_array_equal(rows["positions"][real], np.where(seg[real] == 1, np.arange(SEQ_LEN), 0))
-    # Every document of the split appears, in order (a long document spans consecutive rows).
-    pieces = [np.append(i[s == 1], t[s.sum() - 1]) if s.sum() < SEQ_LEN else np.append(i, t[-1])
-              for i, t, s in zip(rows["inputs"][real], rows["targets"][real], seg[real])]
-    stream = np.concatenate([p[p != 0] for p in pieces])
-    ends = np.flatnonzero(stream == tokenizer.eos_id())
-    docs = [tokenizer.decode(p[1:-1].tolist()) for p in np.split(stream, ends[:-1] + 1)]
-    assert docs == _all_documents(files_config, "validation")
+    # Every document of the split appears, in order, cut into its windows.
+    expected = [window for text in _all_documents(files_config, "train")
+                for window in packing.document_windows(
+                    np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True)), SEQ_LEN)]
+    observed = _segments(batches)
+    assert len(observed) == len(expected)
+    for window, segment in zip(expected, observed):
+        np.testing.assert_array_equal(segment, window)
+
+
+def test_eval_layout_packs_whole_windows_so_every_target_counts_once(files_config, tokenizer):
+    import collections
+
+    batches = list(pipeline.make_eval_iterator(files_config, tokenizer=tokenizer, process_index=0, process_count=1))
+    token_docs = [np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True))
+                  for text in _all_documents(files_config, "validation")]
+    expected = collections.Counter(tuple(window.tolist()) for tokens in token_docs
+                                   for window in packing.document_windows(tokens, SEQ_LEN))
+    observed = collections.Counter(tuple(segment.tolist()) for segment in _segments(batches))
+    assert observed == expected, "each window whole, in one segment, exactly once"
+    assert sum(b["weights"].sum() for b in batches) == sum(len(tokens) - 1 for tokens in token_docs)
+    assert max(int(b["segment_ids"].max()) for b in batches) > 1, "short windows share rows"
+    # Positions restart in every segment; padding rows fill up only the last batch.
+    for batch in batches:
+        for seg, pos in zip(batch["segment_ids"], batch["positions"]):
+            for s in np.unique(seg[seg > 0]):
+                np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+    assert all((b["segment_ids"].max(axis=1) > 0).all() for b in batches[:-1])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -205,7 +251,7 @@ def test_tfds_builder_over_local_files_works_end_to_end_offline(files_config, te
     assert train.random_access and train.fingerprint.startswith("lm_text_files/")
     # 3 text files (one document each) + 80 JSON lines, each in exactly one split, by the hash of its key.
     keys = ["a.txt", "b.txt", "sub/c.txt"] + [f"docs.jsonl:{i}" for i in range(1, 81)]
-    n_validation = sum(sources.is_validation(k, sources.FILES_VALIDATION_PERCENT) for k in keys)
+    n_validation = sum(text_files.is_validation(k, text_files.FILES_VALIDATION_PERCENT) for k in keys)
     assert (train.num_documents, validation.num_documents) == (83 - n_validation, n_validation)
     written = {(text_dir / "a.txt").read_text(), (text_dir / "sub" / "c.txt").read_text()}
     written |= {json.loads(line)["text"] for line in (text_dir / "docs.jsonl").read_text().splitlines()}
@@ -218,14 +264,14 @@ def test_tfds_builder_over_local_files_works_end_to_end_offline(files_config, te
 
 
 def test_default_corpus_is_the_standard_library_with_a_fixed_split(cache_dir):
-    spec = sources.default_corpus_spec()
+    spec = text_files.default_corpus_spec()
     names = [os.path.basename(f) for f in spec.files]
     assert names == sorted(names) and {"os.py", "argparse.py", "typing.py"} <= set(names)
     assert all(n[:-3] in sys.stdlib_module_names for n in names)
     config = _config(cache_dir)
     train, validation = sources.resolve(config, "train"), sources.resolve(config, "validation")
     assert train.num_documents + validation.num_documents == len(names)
-    validation_names = [n for n in names if sources.is_validation(n, sources.DEFAULT_CORPUS_VALIDATION_PERCENT)]
+    validation_names = [n for n in names if text_files.is_validation(n, text_files.DEFAULT_CORPUS_VALIDATION_PERCENT)]
     assert validation.num_documents == len(validation_names) > 0
     texts = set(_all_documents(config, "validation"))
     assert texts == {open(os.path.join(spec.root, n), encoding="utf-8", newline="").read() for n in validation_names}
@@ -243,12 +289,14 @@ class NoTensorFlow(importlib.machinery.PathFinder):
         return importlib.machinery.PathFinder.find_spec(name, path, target)
 sys.meta_path = [NoTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 from lm import config
-from lm.data import pipeline
+from lm.data import pipeline, sources, tokenizer_training
 c = config.base_config()
 c.data.cache_dir = {str(tmp_path)!r}
 for source in ("synthetic", "default"):
     c.data.source = source
-    batch = next(pipeline.make_train_iterator(c, process_index=0, process_count=1))
+    split = sources.resolve(c, "train") if source == "default" else None
+    tokenizer = split and tokenizer_training.get_or_train(c, split)
+    batch = next(pipeline.make_train_iterator(c, tokenizer=tokenizer, process_index=0, process_count=1))
     assert batch["inputs"].shape == (c.data.batch_size, c.data.seq_len), batch["inputs"].shape
 assert "tensorflow" not in sys.modules
 print("ok")
@@ -259,10 +307,10 @@ print("ok")
 
 def test_synthetic_global_batches_are_a_function_of_seed_and_step_only(cache_dir):
     config = _config(cache_dir, source="synthetic")
-    a = _take(pipeline.make_train_iterator(config, process_index=0, process_count=2), 3)
-    b = _take(pipeline.make_train_iterator(config, process_index=0, process_count=2), 3)
-    other = _take(pipeline.make_train_iterator(config, process_index=1, process_count=2), 3)
-    single = _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
+    a = _take(pipeline.make_train_iterator(config, tokenizer=None, process_index=0, process_count=2), 3)
+    b = _take(pipeline.make_train_iterator(config, tokenizer=None, process_index=0, process_count=2), 3)
+    other = _take(pipeline.make_train_iterator(config, tokenizer=None, process_index=1, process_count=2), 3)
+    single = _take(pipeline.make_train_iterator(config, tokenizer=None, process_index=0, process_count=1), 3)
     _assert_batches_equal(a, b)
     assert a[0]["inputs"].shape == (BATCH // 2, SEQ_LEN)
     assert not np.array_equal(a[0]["inputs"], other[0]["inputs"])
@@ -299,8 +347,8 @@ def test_to_global_arrays_builds_the_global_batch_on_a_mesh(cache_dir):
 
     config = _config(cache_dir, source="synthetic")
     mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
-    local = next(pipeline.make_train_iterator(config))
-    arrays = pipeline.to_global_arrays(local, pipeline.batch_sharding(mesh))
+    local = next(pipeline.make_train_iterator(config, tokenizer=None))
+    arrays = pipeline.to_global_arrays(local, sharding.batch_sharding(config, mesh))
     for k, v in arrays.items():
         assert v.shape == (BATCH, SEQ_LEN) and v.dtype == local[k].dtype
         assert len(v.addressable_shards) == 8 and v.addressable_shards[0].data.shape == (1, SEQ_LEN)
@@ -326,18 +374,17 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]),
                            initialization_timeout=60)
 from jax.experimental import multihost_utils
-from lm import config
-from lm.data import pipeline
+from lm import config, sharding
+from lm.data import pipeline, tokenizer
 c = config.base_config()
 c.data.cache_dir = {str(tmp_path)!r}
-c.data.tokenizer.path = {str(model_path)!r}
 c.data.seq_len, c.data.batch_size = {SEQ_LEN}, 16
-it = pipeline.make_train_iterator(c)
+it = pipeline.make_train_iterator(c, tokenizer=tokenizer.load({str(model_path)!r}))
 assert it.local_batch_size == 8
 mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
 for _ in range(3):
     local = next(it)
-    arrays = pipeline.to_global_arrays(local, pipeline.batch_sharding(mesh))
+    arrays = pipeline.to_global_arrays(local, sharding.batch_sharding(c, mesh))
     full = multihost_utils.process_allgather(arrays["inputs"], tiled=True)
     assert full.shape == (16, {SEQ_LEN}), full.shape
     p = jax.process_index()
@@ -508,7 +555,7 @@ def test_tokenizer_trained_on_the_default_corpus_is_lossless(cache_dir, tokenize
     assert tokenizer.vocab_size() == config.data.tokenizer.vocab_size == 2048
     assert (tokenizer.pad_id(), tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.unk_id()) == (0, 1, 2, 3)
     texts = _all_documents(config, "train") + _all_documents(config, "validation")
-    assert len(texts) == len(sources.default_corpus_spec().files)
+    assert len(texts) == len(text_files.default_corpus_spec().files)
     ids = tokenizer.encode(texts)
     assert tokenizer.decode(ids) == texts
     # Byte fallback: text the corpus never showed still round-trips.
@@ -519,22 +566,27 @@ def test_tokenizer_trained_on_the_default_corpus_is_lossless(cache_dir, tokenize
 
 def test_tokenizer_is_cached_and_kept_in_the_workdir(cache_dir, tokenizer, tmp_path):
     config = _config(cache_dir)
-    path = tokenizer_lib.cached_path(config)
+    train_split = sources.resolve(config, "train")
+    path = tokenizer_training.cached_path(config, train_split)
     mtime = os.stat(path).st_mtime_ns
-    in_workdir = tokenizer_lib.get_tokenizer(config, workdir=str(tmp_path))
+    in_workdir = tokenizer_training.get_or_train(config, train_split, workdir=str(tmp_path))
     assert os.stat(path).st_mtime_ns == mtime, "not trained again"
     assert (tmp_path / "tokenizer.model").read_bytes() == tokenizer.serialized_model_proto()
     assert tokenizer_lib.fingerprint(in_workdir) == tokenizer_lib.fingerprint(tokenizer)
     # A resumed run uses the workdir's model even if the config now names another file.
     config.data.tokenizer.path = str(tmp_path / "missing.model")
-    assert tokenizer_lib.fingerprint(tokenizer_lib.get_tokenizer(config, workdir=str(tmp_path))) == \
-        tokenizer_lib.fingerprint(tokenizer)
+    assert tokenizer_lib.fingerprint(tokenizer_training.get_or_train(config, train_split, workdir=str(tmp_path))) \
+        == tokenizer_lib.fingerprint(tokenizer)
+    # Evaluation and sampling load the workdir's copy and nothing else.
+    assert tokenizer_lib.fingerprint(tokenizer_lib.from_workdir(str(tmp_path))) == tokenizer_lib.fingerprint(tokenizer)
+    with pytest.raises(lm_config.CheckpointError, match="tokenizer.model does not exist"):
+        tokenizer_lib.from_workdir(str(tmp_path / "elsewhere"))
 
 
 def test_tokenizer_cli_trains_on_the_configured_source(tmp_path, text_dir):
     output = tmp_path / "files.model"
     out = subprocess.run(
-        [sys.executable, "-m", "lm.data.tokenizer", "--config=configs/tiny.py", f"--output={output}",
+        [sys.executable, "-m", "lm.data.tokenizer_training", "--config=configs/tiny.py", f"--output={output}",
          "--config.data.source=files", f"--config.data.files={text_dir}/*.jsonl",
          "--config.data.tokenizer.vocab_size=300", "--config.model.vocab_size=384",
          f"--config.data.cache_dir={tmp_path}"],
@@ -559,7 +611,7 @@ def test_padded_vocab_size_rounds_up_to_multiples_of_128():
 def test_unknown_tfds_name_is_an_error(cache_dir):
     config = _config(cache_dir, source="tfds", name="no_such_dataset_xyz")
     with pytest.raises(sources.DatasetNotFoundError, match="config.data.name='no_such_dataset_xyz'"):
-        pipeline.make_train_iterator(config, process_index=0, process_count=1)
+        pipeline.make_train_iterator(config, tokenizer=None, process_index=0, process_count=1)
 
 
 def test_tfds_dataset_not_prepared_in_data_dir_is_an_error(cache_dir, tmp_path):
@@ -591,17 +643,17 @@ def test_json_lines_without_the_text_field_are_an_error(cache_dir, tmp_path):
 def test_missing_files_are_an_error(cache_dir, tmp_path):
     config = _config(cache_dir, source="files", files=str(tmp_path / "nothing" / "*.txt"))
     with pytest.raises(sources.FilesNotFoundError, match="config.data.files=.*nothing.*matches no files"):
-        pipeline.make_train_iterator(config, process_index=0, process_count=1)
+        pipeline.make_train_iterator(config, tokenizer=None, process_index=0, process_count=1)
 
 
 def test_empty_dataset_is_an_error(cache_dir, tmp_path):
     # One text file is one document: it lands in `train`, and `validation` is empty.
-    name = next(f"only{i}.txt" for i in range(100) if not sources.is_validation(f"only{i}.txt", 5))
+    name = next(f"only{i}.txt" for i in range(100) if not text_files.is_validation(f"only{i}.txt", 5))
     (tmp_path / name).write_text("A single document.")
     config = _config(cache_dir, source="files", files=str(tmp_path / "*.txt"), data_dir=str(tmp_path / "tfds"))
     assert sources.resolve(config, "train").num_documents == 1
     with pytest.raises(sources.EmptyDatasetError, match="split 'validation' of files .*txt has no documents"):
-        pipeline.make_eval_iterator(config, process_index=0, process_count=1)
+        pipeline.make_eval_iterator(config, tokenizer=None, process_index=0, process_count=1)
     # Files without any document.
     (tmp_path / "empty.jsonl").write_text("\n\n")
     config.data.files = str(tmp_path / "*.jsonl")
@@ -627,10 +679,10 @@ def test_seq_len_longer_than_max_seq_len_is_an_error(cache_dir):
     config = _config(cache_dir, source="synthetic")
     config.data.seq_len = config.model.max_seq_len + 1
     with pytest.raises(ConfigError, match="config.data.seq_len=257 is longer than config.model.max_seq_len=256"):
-        pipeline.make_train_iterator(config)
+        pipeline.make_train_iterator(config, tokenizer=None)
 
 
 def test_batch_size_not_divisible_by_processes_is_an_error(cache_dir):
     config = _config(cache_dir, source="synthetic")
     with pytest.raises(ConfigError, match="config.data.batch_size=8 .* not divisible by the 3 processes"):
-        pipeline.make_train_iterator(config, process_index=0, process_count=3)
+        pipeline.make_train_iterator(config, tokenizer=None, process_index=0, process_count=3)

@@ -1,53 +1,23 @@
-"""Restore on any mesh, `lm.evaluate` and `lm.generate` on a real (small) training run's workdir."""
+"""Restore on any mesh, `lm.evaluate` and `lm.generate` on a real (small) training run's workdir (`small_run`)."""
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from lm import checkpoint
 from lm import config as lm_config
 from lm import evaluate
+from lm import optim
 from lm import sharding
-from lm.data import pipeline
+from lm.data import pipeline, sources
 from lm.data import tokenizer as tokenizer_lib
 
 pytestmark = pytest.mark.slow
-
-# configs/tiny.py shrunk; 4 heads / 2 KV heads so a (data, fsdp, tensor) = (2, 2, 2) mesh splits heads too.
-RUN = [
-    "--config=configs/tiny.py", "--config.model.num_layers=2", "--config.model.d_model=64",
-    "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=128",
-    "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.log_every=1", "--config.eval_every=4",
-    "--config.eval_steps=2", "--config.checkpoint_every=2", "--config.total_steps=4",
-    "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-]
-
-
-def environment(devices):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-
-
-def run_module(module, *args, devices=1, check=True):
-    result = subprocess.run([sys.executable, "-m", module, *args], env=environment(devices), capture_output=True,
-                            text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A 4-step run trained on a (2, 2, 2) mesh of 8 devices, checkpoints at steps 2 and 4, evaluated at step 4."""
-    root = tmp_path_factory.mktemp("run")
-    workdir = str(root / "workdir")
-    run_module("lm.train", f"--workdir={workdir}", *RUN, f"--config.data.cache_dir={root / 'cache'}", devices=8)
-    return workdir
 
 
 def trainer_eval_loss(workdir, step):
@@ -56,9 +26,14 @@ def trainer_eval_loss(workdir, step):
     return next(m["eval_loss"] for m in lines if m["step"] == step and "eval_loss" in m)
 
 
-def test_checkpoint_from_a_2x2x2_mesh_restores_on_other_meshes_with_the_same_eval_loss(workdir):
-    expected = trainer_eval_loss(workdir, 4)
-    config = checkpoint.read_config(workdir)
+def read_eval_json(workdir, step):
+    with open(os.path.join(workdir, f"eval_{step}.json")) as f:
+        return json.load(f)
+
+
+def test_checkpoint_from_a_2x2x2_mesh_restores_on_other_meshes_with_the_same_eval_loss(small_run):
+    expected = trainer_eval_loss(small_run, 4)
+    config = lm_config.read_config(small_run)
     meshes = {
         "one device": sharding.make_mesh(lm_config.load("configs/tiny.py").mesh, jax.devices()[:1]),
         "(1, 4, 2)": sharding.make_mesh(lm_config.load("configs/tiny.py", **{
@@ -67,41 +42,59 @@ def test_checkpoint_from_a_2x2x2_mesh_restores_on_other_meshes_with_the_same_eva
     }
     params = {}
     for name, mesh in meshes.items():
-        restored = checkpoint.restore(workdir, mesh=mesh)
+        restored = checkpoint.restore(small_run, mesh=mesh)
         assert restored.step == 4 and restored.opt_state is None
         assert dict(restored.mesh.shape) == dict(mesh.shape)
-        results = evaluate.evaluate(restored.config, restored.params, workdir=workdir)
+        results = evaluate.evaluate(restored.config, restored.params, workdir=small_run)
         np.testing.assert_allclose(results["loss"], expected, rtol=1e-5, err_msg=name)
         params[name] = jax.device_get(restored.params)
     for name in meshes:
         jax.tree.map(np.testing.assert_array_equal, params[name], params["one device"])
 
 
-def test_evaluate_cli_reports_the_trainers_eval_loss_and_writes_eval_json(workdir):
-    result = run_module("lm.evaluate", f"--workdir={workdir}")
+def test_evaluate_cli_with_the_trainers_eval_steps_reports_the_trainers_eval_loss(small_run, run_lm):
+    result = run_lm("lm.evaluate", f"--workdir={small_run}", "--config.eval_steps=2")
     assert "step 4: loss" in result.stdout
-    with open(os.path.join(workdir, "eval_4.json")) as f:
-        written = json.load(f)
-    np.testing.assert_allclose(written["loss"], trainer_eval_loss(workdir, 4), rtol=1e-5)
-    assert written["tokens"] == 2 * 8 * 32  # eval_steps batches of 8 x 32 tokens, all real text (packed).
+    written = read_eval_json(small_run, 4)
+    np.testing.assert_allclose(written["loss"], trainer_eval_loss(small_run, 4), rtol=1e-5)
+    assert written["batches"] == 2 and written["eval_steps"] == 2
     np.testing.assert_allclose(written["perplexity"], np.exp(written["loss"]), rtol=1e-6)
     assert 0 < written["bits_per_byte"] < written["loss"] / np.log(2)  # Tokens hold more than one byte each.
 
 
-def test_evaluate_all_steps_and_config_overrides(workdir):
-    result = run_module("lm.evaluate", f"--workdir={workdir}", "--all_steps", "--config.eval_steps=1")
+def test_evaluate_cli_by_default_evaluates_every_target_of_the_split_once_on_any_device_count(small_run, run_lm):
+    config = lm_config.read_config(small_run)
+    tokenizer = tokenizer_lib.from_workdir(small_run)
+    texts = sources.iter_texts(sources.resolve(config, config.data.eval_split))
+    # Every token of every document but its first (BOS) is predicted once.
+    targets = sum(len(tokenizer.encode(text)) + 1 for text in texts)
+    results = {}
+    for devices in (1, 8):
+        run_lm("lm.evaluate", f"--workdir={small_run}", devices=devices)
+        results[devices] = read_eval_json(small_run, 4)
+        assert results[devices]["eval_steps"] == -1 and results[devices]["tokens"] == targets
+    np.testing.assert_allclose(results[8]["loss"], results[1]["loss"], rtol=1e-6)
+    assert results[8]["bytes"] == results[1]["bytes"] and results[8]["batches"] == results[1]["batches"]
+    # A finite eval_steps beyond the end of the split stops there, says so, and gives the same numbers.
+    beyond = run_lm("lm.evaluate", f"--workdir={small_run}", "--config.eval_steps=100000")
+    assert f"config.eval_steps=100000, but split 'validation' ends after {results[1]['batches']} batches" in \
+        beyond.stderr
+    np.testing.assert_allclose(read_eval_json(small_run, 4)["loss"], results[1]["loss"], rtol=1e-6)
+
+
+def test_evaluate_all_steps_and_config_overrides(small_run, run_lm):
+    result = run_lm("lm.evaluate", f"--workdir={small_run}", "--all_steps", "--config.eval_steps=1")
     assert "step 2: loss" in result.stdout and "step 4: loss" in result.stdout
     for step in (2, 4):
-        with open(os.path.join(workdir, f"eval_{step}.json")) as f:
-            written = json.load(f)
-        assert written["eval_steps"] == 1 and written["tokens"] == 8 * 32
+        written = read_eval_json(small_run, step)
+        assert written["eval_steps"] == 1 and written["batches"] == 1
 
 
-def test_bits_per_byte_counts_the_raw_bytes_of_the_evaluated_text(workdir):
-    config = checkpoint.read_config(workdir)
-    tokenizer = tokenizer_lib.get_tokenizer(config, workdir=workdir)
-    table = evaluate.piece_bytes(tokenizer, config.model.vocab_size)
-    iterator = pipeline.make_eval_iterator(config, workdir=workdir)
+def test_bits_per_byte_counts_the_raw_bytes_of_the_evaluated_text(small_run):
+    config = lm_config.read_config(small_run)
+    tokenizer = tokenizer_lib.from_workdir(small_run)
+    table = tokenizer_lib.piece_bytes(tokenizer, config.model.vocab_size)
+    iterator = pipeline.make_eval_iterator(config, tokenizer=tokenizer)
     batch = next(iterator)
     iterator.close()
     for targets, weights in zip(batch["targets"], batch["weights"]):
@@ -109,7 +102,7 @@ def test_bits_per_byte_counts_the_raw_bytes_of_the_evaluated_text(workdir):
         assert table[targets].dot(weights) == len(tokenizer.decode(text_ids).encode("utf-8"))
 
 
-def test_restore_errors_name_the_problem(workdir, tmp_path):
+def test_restore_errors_name_the_problem(small_run, run_lm, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.restore(str(tmp_path / "missing"))
     empty = tmp_path / "empty"
@@ -117,29 +110,47 @@ def test_restore_errors_name_the_problem(workdir, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoints"):
         checkpoint.restore(str(empty))
     with pytest.raises(checkpoint.CheckpointError, match=r"step 3 is not among .*\[2, 4\]"):
-        checkpoint.restore(workdir, step=3)
-    other = checkpoint.read_config(workdir)
+        checkpoint.restore(small_run, step=3)
+    other = lm_config.read_config(small_run)
     other.model.d_model = 32
     with pytest.raises(checkpoint.CheckpointError, match=r"does not fit .*embedding.*\(2048, 64\).*\(2048, 32\)"):
-        checkpoint.restore(workdir, config=other)
-    result = run_module("lm.evaluate", f"--workdir={workdir}", "--step=3", check=False)
-    assert result.returncode != 0
+        checkpoint.restore(small_run, config=other)
+    result = run_lm("lm.evaluate", f"--workdir={small_run}", "--step=3", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: step 3 is not among the checkpoints")
 
 
-def test_restore_with_optimizer_state(workdir):
-    restored = checkpoint.restore(workdir, step=2, optimizer_state=True)
+def test_restore_with_the_optimizer_gives_back_the_saved_optimizer_state(small_run):
+    config = lm_config.read_config(small_run)
+    restored = checkpoint.restore(small_run, step=2, optimizer=optim.make_optimizer(config))
     assert restored.step == 2
-    assert restored.opt_state is not None
-    # AdamW's first moment mirrors the parameters.
-    assert jax.tree.structure(restored.params) == jax.tree.structure(restored.opt_state[-1][0].mu)
+    saved = ocp.PyTreeCheckpointer().restore(os.path.join(small_run, "checkpoints", "2", "state"))
+    # orbax gives the saved tree back as nested dicts: compare leaves by their names along the path.
+    names = lambda path: tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+    by_name = lambda tree: {names(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    restored_leaves, saved_leaves = by_name(jax.device_get(restored.opt_state)), by_name(saved["opt_state"])
+    assert restored_leaves.keys() == saved_leaves.keys() and len(saved_leaves) > 3
+    for name, leaf in restored_leaves.items():
+        np.testing.assert_array_equal(leaf, saved_leaves[name], err_msg=str(name))
+    moved = sum(leaf.size > 1 and bool(np.any(leaf != 0)) for leaf in restored_leaves.values())
+    assert moved > 0, "after 2 steps Adam's moments are not all zero"
 
 
-def test_generate_cli_prints_a_completion_per_prompt(workdir):
-    result = run_module("lm.generate", f"--workdir={workdir}", "--prompt=def main(", "--prompt=import",
-                        "--max_new_tokens=8", "--temperature=0.8", "--top_k=20", "--top_p=0.9", "--seed=1")
+def test_generate_cli_prints_a_completion_per_prompt(small_run, run_lm):
+    args = [f"--workdir={small_run}", "--prompt=def main(", "--prompt=import", "--max_new_tokens=8",
+            "--temperature=0.8", "--top_k=20", "--top_p=0.9", "--seed=1"]
+    result = run_lm("lm.generate", *args)
     assert result.stdout.count("=== ") == 2
     assert "=== 'def main(' (step 4)" in result.stdout and "=== 'import' (step 4)" in result.stdout
-    again = run_module("lm.generate", f"--workdir={workdir}", "--prompt=def main(", "--prompt=import",
-                       "--max_new_tokens=8", "--temperature=0.8", "--top_k=20", "--top_p=0.9", "--seed=1")
-    assert again.stdout == result.stdout
+    assert run_lm("lm.generate", *args).stdout == result.stdout
+
+
+def test_generate_uses_the_runs_tokenizer_and_never_trains_one(small_run, run_lm, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(small_run, copy)
+    os.remove(copy / "tokenizer.model")
+    result = run_lm("lm.generate", f"--workdir={copy}", "--prompt=x", "--max_new_tokens=2", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {copy}/tokenizer.model does not exist: the run's tokenizer is missing (lm.train copies it there)")
+    assert not (copy / "tokenizer.model").exists()

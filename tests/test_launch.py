@@ -1,9 +1,11 @@
 """Multi-process runs: lm.distributed, the default multi-host mesh, and the launch/ scripts.
 
 The multi-process tests start real local processes (CPU, gloo collectives, a free port on 127.0.0.1) through the
-launch scripts, with stand-ins for SLURM's `srun` and `scontrol`; every run has a timeout.
+launch scripts, with stand-ins for SLURM's `srun` and `scontrol`; launch/tpu_pod.sh runs end to end against a
+stand-in `gcloud` and fake TPU workers (directories); every run has a timeout.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -11,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import pytest
@@ -224,3 +227,162 @@ def test_no_cluster_is_detected_on_a_plain_machine(monkeypatch):
         if name.startswith(("SLURM_", "OMPI_")):
             monkeypatch.delenv(name)
     assert distributed.detected_cluster() is None
+
+
+# A `gcloud` stand-in for launch/tpu_pod.sh: every call is appended to $GCLOUD_LOG as one JSON list of its
+# arguments. `tpu-vm describe` prints $FAKE_TPU_STATE (absent: the TPU VM does not exist, exit 1, as gcloud does);
+# `tpu-vm scp --worker=all` copies the file into the home of every fake worker ($FAKE_WORKERS, one directory per
+# worker) and `tpu-vm ssh --worker=all --command=CMD` runs CMD with bash in each of them (HOME = that directory), so
+# the remote commands are really evaluated by a shell, quoting included.
+FAKE_GCLOUD = textwrap.dedent("""\
+    import json, os, shutil, subprocess, sys
+
+    args = sys.argv[1:]
+    with open(os.environ["GCLOUD_LOG"], "a") as log:
+        log.write(json.dumps(args) + "\\n")
+    if args[:3] != ["compute", "tpus", "tpu-vm"]:
+        sys.exit(f"fake gcloud: unexpected command {args}")
+    verb, options = args[3], [a for a in args[4:] if a.startswith("--")]
+    workers = os.environ["FAKE_WORKERS"].split(os.pathsep)
+    if verb == "describe":
+        if "FAKE_TPU_STATE" not in os.environ:
+            sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND")
+        print(os.environ["FAKE_TPU_STATE"])
+    elif verb == "scp":
+        assert "--worker=all" in options, args
+        source, target = [a for a in args[4:] if not a.startswith("--")]
+        for home in workers:
+            shutil.copy(source, os.path.join(home, target.split(":", 1)[1]))
+    elif verb == "ssh":
+        assert "--worker=all" in options, args
+        command = [a for a in options if a.startswith("--command=")][0].removeprefix("--command=")
+        for home in workers:
+            status = subprocess.run(["bash", "-c", command], cwd=home, env={**os.environ, "HOME": home}).returncode
+            if status:
+                sys.exit(status)
+    elif verb != "create":
+        sys.exit(f"fake gcloud: unexpected command {args}")
+    """)
+
+# A worker's environment: `~/lm/.venv/bin/{activate,python,pip}` stand-ins; python and pip append their arguments
+# (one JSON list per call) to ~/python.log and ~/pip.log. `python3.11` on PATH so the setup finds an interpreter.
+FAKE_TOOL = "#!{python}\nimport json, os, sys\nwith open(os.path.expanduser('~/{name}.log'), 'a') as f:\n" \
+            "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+
+
+def fake_tpu_pod(tmp_path, workers=2, state=None):
+    """The environment for running launch/tpu_pod.sh against a fake gcloud and `workers` fake TPU workers."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
+    (bin_dir / "python3.11").write_text(FAKE_TOOL.format(python=sys.executable, name="python3.11"))
+    for tool in ("gcloud", "python3.11"):
+        (bin_dir / tool).chmod(stat.S_IRWXU)
+    homes = []
+    for i in range(workers):
+        venv = tmp_path / f"worker{i}" / "lm" / ".venv" / "bin"
+        venv.mkdir(parents=True)
+        (venv / "activate").write_text('PATH="$HOME/lm/.venv/bin:$PATH"\n')
+        for name in ("python", "pip"):
+            (venv / name).write_text(FAKE_TOOL.format(python=sys.executable, name=name))
+            (venv / name).chmod(stat.S_IRWXU)
+        homes.append(tmp_path / f"worker{i}")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "GCLOUD_LOG": str(tmp_path / "gcloud.log"),
+           "FAKE_WORKERS": os.pathsep.join(map(str, homes))}
+    if state is not None:
+        env["FAKE_TPU_STATE"] = state
+    return env, homes
+
+
+def json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+TRAIN = ["python", "-m", "lm.train", "--config=configs/llama_8b.py", "--workdir=gs://my-bucket/runs/llama8b",
+         "--config.optim.learning_rate=1e-4", "--config.model.norm=layernorm",
+         "--config.data.files=/data/my corpus/*.jsonl"]  # A space and a glob: quoting must survive the remote shell.
+
+
+def test_tpu_pod_creates_copies_installs_and_runs_the_command_on_every_worker(tmp_path):
+    env, homes = fake_tpu_pod(tmp_path)
+    result = run(["bash", "launch/tpu_pod.sh", "--name=lm-v5p", "--zone=us-east5-a", "--accelerator_type=v5p-64",
+                  "--project=my-project", "--spot", "--", *TRAIN], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "creating TPU VM lm-v5p (v5p-64, v2-alpha-tpuv5) in us-east5-a" in result.stderr
+    calls = json_lines(tmp_path / "gcloud.log")
+    tpu_vm, where = ["compute", "tpus", "tpu-vm"], ["--zone=us-east5-a", "--project=my-project"]
+    assert [call[3] for call in calls] == ["describe", "create", "scp", "ssh", "ssh", "ssh"]
+    assert all(call[:3] == tpu_vm for call in calls)
+    describe, create, scp, extract, install, train = calls
+    assert describe == tpu_vm + ["describe", "lm-v5p", *where, "--format=value(state)"]
+    assert create == tpu_vm + ["create", "lm-v5p", *where, "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5",
+                               "--spot"]
+    assert scp[4].endswith("/lm.tar.gz") and scp[5:] == ["lm-v5p:lm.tar.gz", *where, "--worker=all"]
+    for ssh in (extract, install, train):
+        assert ssh[5:8] == [*where, "--worker=all"] and ssh[8].startswith("--command=") and len(ssh) == 9
+    assert "tar -xzf ~/lm.tar.gz -C ~/lm" in extract[8]
+    assert ".venv/bin/pip install -q -e '.[tpu]'" in install[8]
+    assert train[8].startswith("--command=cd ~/lm && . .venv/bin/activate && python -m lm.train "
+                               "--config=configs/llama_8b.py --workdir=gs://my-bucket/runs/llama8b "
+                               "--config.optim.learning_rate=1e-4 --config.model.norm=layernorm ")
+    for home in homes:
+        # The checkout arrived (what git tracks or does not ignore: not this machine's .venv) and the archive is gone.
+        with open(os.path.join(ROOT, "launch/tpu_pod.sh")) as script:
+            assert (home / "lm" / "launch" / "tpu_pod.sh").read_text() == script.read()
+        assert (home / "lm" / "lm" / "train.py").exists() and not (home / "lm.tar.gz").exists()
+        assert not (home / "lm" / ".venv" / "pyvenv.cfg").exists()
+        assert json_lines(home / "pip.log") == [["install", "-q", "--upgrade", "pip"],
+                                                ["install", "-q", "-e", ".[tpu]"]]
+        # The worker's shell ran exactly the command given, every argument intact.
+        assert json_lines(home / "python.log") == [TRAIN[1:]]
+
+
+def test_tpu_pod_on_a_ready_vm_with_skip_setup_only_runs_the_command(tmp_path):
+    env, homes = fake_tpu_pod(tmp_path, state="READY")
+    result = run(["bash", "launch/tpu_pod.sh", "--name=my-tpu", "--zone=europe-west4-a", "--skip_setup", "--",
+                  *TRAIN[:6]], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tpu_vm = ["compute", "tpus", "tpu-vm"]
+    assert json_lines(tmp_path / "gcloud.log") == [
+        tpu_vm + ["describe", "my-tpu", "--zone=europe-west4-a", "--format=value(state)"],
+        tpu_vm + ["ssh", "my-tpu", "--zone=europe-west4-a", "--worker=all",
+                  "--command=cd ~/lm && . .venv/bin/activate && python -m lm.train --config=configs/llama_8b.py "
+                  "--workdir=gs://my-bucket/runs/llama8b --config.optim.learning_rate=1e-4 "]]
+    for home in homes:
+        assert json_lines(home / "python.log") == [TRAIN[1:6]]
+        assert not (home / "pip.log").exists()
+
+
+def test_tpu_pod_detach_starts_the_command_under_nohup_logging_to_run_log(tmp_path):
+    env, homes = fake_tpu_pod(tmp_path, state="READY")
+    result = run(["bash", "launch/tpu_pod.sh", "--name=my-tpu", "--zone=z", "--skip_setup", "--detach", "--", *TRAIN],
+                 env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "started on every worker of my-tpu; output in ~/lm/run.log there" in result.stderr
+    ssh = json_lines(tmp_path / "gcloud.log")[-1]
+    assert ssh[3:7] == ["ssh", "my-tpu", "--zone=z", "--worker=all"] and "nohup bash -c" in ssh[7]
+    assert "> ~/lm/run.log 2>&1 < /dev/null &" in ssh[7]
+    for home in homes:  # The background command finishes on its own; wait for it to have run.
+        for _ in range(100):
+            if (home / "python.log").exists() and (home / "lm" / "run.log").exists():
+                break
+            time.sleep(0.1)
+        assert json_lines(home / "python.log") == [TRAIN[1:]]
+        assert (home / "lm" / "run.log").exists()
+
+
+@pytest.mark.parametrize("args,state,message,gcloud_calls", [
+    (["--name=t", "--zone=z", "--", "python", "-m", "lm.train", "--workdir=workdirs/local"], "READY",
+     "--workdir=workdirs/local: the workers share no disk, use a bucket", 0),
+    (["--name=t", "--zone=z", "--", "python", "-m", "lm.train", "--workdir=gs://b/r"], None,
+     "TPU VM t does not exist in z: give --accelerator_type to create it", 1),
+    (["--name=t", "--zone=z", "--", "python", "-m", "lm.train", "--workdir=gs://b/r"], "CREATING",
+     "TPU VM t is CREATING, not READY", 1),
+], ids=["local_workdir", "missing_vm_without_type", "vm_not_ready"])
+def test_tpu_pod_stops_before_touching_workers(tmp_path, args, state, message, gcloud_calls):
+    env, homes = fake_tpu_pod(tmp_path, state=state)
+    result = run(["bash", "launch/tpu_pod.sh", *args], env=env)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    calls = json_lines(tmp_path / "gcloud.log")
+    assert len(calls) == gcloud_calls and all(call[3] == "describe" for call in calls)
+    assert not any((home / "python.log").exists() for home in homes)

@@ -3,6 +3,7 @@ program, and match a single process on 8 devices with the same global batch."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,16 +94,41 @@ def test_two_processes_resume_and_match_one_process_on_eight_devices(runs):
 
 def test_two_process_evaluation_agrees_with_one_process(runs):
     single, multi, _ = runs
-    run_processes("lm.evaluate", f"--workdir={multi}")
+    run_processes("lm.evaluate", f"--workdir={multi}", "--config.eval_steps=2")
     with open(os.path.join(multi, "eval_6.json")) as f:
         two_processes = json.load(f)
-    run_processes("lm.evaluate", f"--workdir={multi}", processes=1, devices=8)
+    run_processes("lm.evaluate", f"--workdir={multi}", "--config.eval_steps=2", processes=1, devices=8)
     with open(os.path.join(multi, "eval_6.json")) as f:
         one_process = json.load(f)
     np.testing.assert_allclose(two_processes["loss"], one_process["loss"], rtol=1e-5)
     assert two_processes["tokens"] == one_process["tokens"] == 2 * 16 * 32
     logged = next(m["eval_loss"] for m in metrics(single) if m["step"] == 6 and "eval_loss" in m)
     np.testing.assert_allclose(one_process["loss"], logged, rtol=1e-5)
+
+
+def test_whole_split_evaluation_is_the_same_on_two_processes_and_one(runs, lm_cache, tmp_path):
+    """Text documents, sharded over the processes unevenly: the process that runs out first feeds padding until
+    the other is done, and the sums equal one process's."""
+    from lm import config as lm_config
+    from lm.data import sources, tokenizer_training
+
+    _, multi, _ = runs
+    workdir = tmp_path / "workdir"
+    shutil.copytree(multi, workdir)
+    config = lm_config.read_config(multi)
+    config.data.source, config.data.cache_dir = "default", lm_cache
+    # The synthetic run has no tokenizer: give it the default corpus's (its vocabulary fits the model's 2048).
+    tokenizer_training.get_or_train(config, sources.resolve(config, "train"), workdir=str(workdir))
+    args = [f"--workdir={workdir}", "--config.data.source=default", f"--config.data.cache_dir={lm_cache}",
+            "--config.data.eval_split=validation[:5]"]
+    results = {}
+    for processes, devices in ((2, 4), (1, 8)):
+        run_processes("lm.evaluate", *args, processes=processes, devices=devices)
+        with open(workdir / "eval_6.json") as f:
+            results[processes] = json.load(f)
+    assert results[2]["eval_steps"] == -1
+    assert results[2]["tokens"] == results[1]["tokens"] > 0 and results[2]["bytes"] == results[1]["bytes"]
+    np.testing.assert_allclose(results[2]["loss"], results[1]["loss"], rtol=1e-6)
 
 
 def test_resuming_under_another_process_count_fails_in_one_line(runs):

@@ -12,6 +12,7 @@ import pytest
 
 from lm import config as lm_config
 from lm import model as model_lib
+from lm import optim
 from lm import preflight
 
 FSDP_64 = {"data": 1, "fsdp": 64, "tensor": 1}
@@ -35,34 +36,100 @@ def llama_8b():
     return config, preflight.estimate(config, FSDP_64, device="h100", mfu=0.4)
 
 
+# Per-device shard of every llama_8b parameter on fsdp=64 (data=1, tensor=1), fp32 (4 bytes). ZeRO (`zero_spec`)
+# splits the largest dimension that is not the scanned `layers` one and divides by 64; every leaf here has such a
+# dimension and at least MIN_SHARDED_ELEMENTS = 4,096 elements (the smallest, the final norm, has exactly 4,096),
+# so every parameter leaf is split exactly 64 ways:
+#   leaf                      global shape            split            elements per device
+#   embed/embedding           (128256, 4096)          4096 / 64 = 64   128256 * 64             =   8,208,384
+#   lm_head                   (4096, 128256)          4096 / 64 = 64   64 * 128256             =   8,208,384
+#   final_norm/scale          (4096,)                 4096 / 64 = 64   64                      =          64
+#   layers/.../query/kernel   (32, 4096, 32, 128)     4096 / 64 = 64   32 * 64 * 32 * 128      =   8,388,608
+#   layers/.../key/kernel     (32, 4096, 8, 128)      4096 / 64 = 64   32 * 64 * 8 * 128       =   2,097,152
+#   layers/.../value/kernel   (32, 4096, 8, 128)      4096 / 64 = 64   32 * 64 * 8 * 128       =   2,097,152
+#   layers/.../out/kernel     (32, 32, 128, 4096)     4096 / 64 = 64   32 * 32 * 128 * 64      =   8,388,608
+#   layers/mlp/gate/kernel    (32, 4096, 14336)       14336 / 64 = 224 32 * 4096 * 224         =  29,360,128
+#   layers/mlp/up/kernel      (32, 4096, 14336)       14336 / 64 = 224 32 * 4096 * 224         =  29,360,128
+#   layers/mlp/down/kernel    (32, 14336, 4096)       14336 / 64 = 224 32 * 224 * 4096         =  29,360,128
+#   layers/attention_norm     (32, 4096)              4096 / 64 = 64   32 * 64                 =       2,048
+#   layers/mlp_norm           (32, 4096)              4096 / 64 = 64   32 * 64                 =       2,048
+#                                                                      total = 8,030,261,248 / 64 = 125,472,832
+LLAMA_8B_PARAMETERS = 8_030_261_248
+LLAMA_8B_SHARD_ELEMENTS = (2 * 128256 * 64 + 64 + 2 * 32 * 64 * 32 * 128 + 2 * 32 * 64 * 8 * 128
+                           + 3 * 32 * 4096 * 224 + 2 * 32 * 64)
+LLAMA_8B_FULL_BYTES = 4 * LLAMA_8B_PARAMETERS  # 32,121,044,992: one fp32 copy, replicated.
+LLAMA_8B_SHARD_BYTES = 4 * LLAMA_8B_SHARD_ELEMENTS  # 501,891,328: one fp32 copy split 64 ways.
+# The optimizer state's scalars stay replicated at every stage (fewer than MIN_SHARDED_ELEMENTS elements): AdamW's
+# step count (int32, 4) and its schedule's step count (int32, 4), and apply_if_finite's notfinite_count (int32, 4),
+# total_notfinite (int32, 4) and last_finite (bool, 1).
+ADAMW_SCALAR_BYTES = 4 + 4 + 4 + 4 + 1  # 17
+
+
+def test_llama_8b_shard_arithmetic_is_self_consistent():
+    assert LLAMA_8B_SHARD_ELEMENTS == 125_472_832 == LLAMA_8B_PARAMETERS // 64
+    assert LLAMA_8B_PARAMETERS % 64 == 0
+    assert LLAMA_8B_SHARD_BYTES == 501_891_328 and LLAMA_8B_FULL_BYTES == 32_121_044_992
+
+
+def test_optimizer_scalars_are_the_replicated_bytes_counted_by_hand():
+    """The only optimizer-state leaves that are not moments: 0-d counters, 17 bytes (ADAMW_SCALAR_BYTES)."""
+    config = lm_config.load("configs/llama_8b.py")
+    params = nn.unbox(jax.eval_shape(lambda: model_lib.init(model_lib.build(config), jax.random.key(0))))
+    state = jax.eval_shape(optim.make_optimizer(config).init, params)
+    leaves = jax.tree.leaves(state)
+    scalars = [leaf for leaf in leaves if leaf.ndim == 0]
+    assert len(leaves) - len(scalars) == 2 * len(jax.tree.leaves(params))  # mu and nu
+    assert sum(leaf.dtype.itemsize for leaf in scalars) == ADAMW_SCALAR_BYTES
+
+
 def test_llama_8b_on_64_devices_matches_hand_arithmetic(llama_8b):
     config, result = llama_8b
     assert config.sharding.zero_stage == 3 and config.model.param_dtype == "float32"
     assert config.optim.optimizer == "adamw"
     parameters, _ = llama_8b_by_hand(config)
-    assert result.parameters == parameters
-    assert parameters == pytest.approx(8.0e9, rel=0.05)
-    fp32_shard = 4 * parameters / 64  # Every leaf is split 64 ways at stage 3 (the smallest has 4,096 elements).
-    print(f"per device: params {result.state.params / 1e9:.3f} GB, grads {result.state.grads / 1e9:.3f} GB, "
-          f"optimizer state {result.state.opt_state / 1e9:.3f} GB (hand: {fp32_shard / 1e9:.3f}, "
-          f"{fp32_shard / 1e9:.3f}, {2 * fp32_shard / 1e9:.3f})")
-    assert result.state.params == pytest.approx(fp32_shard, rel=0.05)
-    assert result.state.grads == pytest.approx(fp32_shard, rel=0.05)
-    assert result.state.opt_state == pytest.approx(2 * fp32_shard, rel=0.05)  # AdamW: mu and nu.
-    assert result.state.params / 1e9 == pytest.approx(0.5, rel=0.05)
-    assert result.state.grads / 1e9 == pytest.approx(0.5, rel=0.05)
-    assert result.state.opt_state / 1e9 == pytest.approx(1.0, rel=0.05)
+    assert result.parameters == parameters == LLAMA_8B_PARAMETERS
+    print(f"per device: params {result.state.params:,} B, grads {result.state.grads:,} B, "
+          f"optimizer state {result.state.opt_state:,} B")
+    # Stage 3: parameters, gradients and both Adam moments split 64 ways; the optimizer's scalars replicated.
+    assert result.state.params == 501_891_328 == LLAMA_8B_SHARD_BYTES
+    assert result.state.grads == 501_891_328
+    assert result.state.opt_state == 1_003_782_673 == 2 * LLAMA_8B_SHARD_BYTES + ADAMW_SCALAR_BYTES
 
 
 def test_stage_table_shards_one_more_part_per_zero_stage(llama_8b):
-    config, result = llama_8b
-    parameters, _ = llama_8b_by_hand(config)
-    full, shard = 4 * parameters, 4 * parameters / 64
-    expected = {0: (full, full, 2 * full), 1: (full, full, 2 * shard), 2: (full, shard, 2 * shard),
-                3: (shard, shard, 2 * shard)}
+    _, result = llama_8b
+    full, shard, scalars = LLAMA_8B_FULL_BYTES, LLAMA_8B_SHARD_BYTES, ADAMW_SCALAR_BYTES
+    expected = {0: (full, full, 2 * full + scalars), 1: (full, full, 2 * shard + scalars),
+                2: (full, shard, 2 * shard + scalars), 3: (shard, shard, 2 * shard + scalars)}
     for stage, (params, grads, opt_state) in expected.items():
         memory = result.stages[stage]
-        assert (memory.params, memory.grads, memory.opt_state) == pytest.approx((params, grads, opt_state), rel=1e-3)
+        assert (memory.params, memory.grads, memory.opt_state) == (params, grads, opt_state), stage
+    assert result.stages[0].opt_state == 64_242_090_001  # 2 * 32,121,044,992 + 17
+
+
+def test_small_leaves_stay_replicated_in_exact_per_device_bytes():
+    """configs/tiny.py on fsdp=8: the norm scales have fewer than MIN_SHARDED_ELEMENTS = 4,096 elements, so every
+    device holds all of them, and a device's share is slightly above total / 8.
+
+    Leaves (d 256, 4 heads of 64, 2 KV heads, SwiGLU 512, vocab 2048, 4 scanned layers), fp32:
+      split 8 ways (largest non-`layers` dimension, 256 or 512 -> 32 or 64 per device):
+        embedding 2048*256 + lm_head 256*2048 + query 4*256*4*64 + key, value 2 * 4*256*2*64 + out 4*4*64*256
+        + gate, up, down 3 * 4*256*512 = 3,407,872 elements -> 425,984 per device
+      replicated (below 4,096 elements): final_norm 256 + attention_norm, mlp_norm 2 * 4*256 = 2,304 elements
+    """
+    config = lm_config.load("configs/tiny.py")
+    result = preflight.estimate(config, {"data": 1, "fsdp": 8, "tensor": 1})
+    sharded = 2048 * 256 + 256 * 2048 + 4 * 256 * 4 * 64 + 2 * 4 * 256 * 2 * 64 + 4 * 4 * 64 * 256 + 3 * 4 * 256 * 512
+    replicated = 256 + 2 * 4 * 256
+    assert sharded == 3_407_872 and replicated == 2_304 and sharded + replicated == result.parameters == 3_410_176
+    shard = 4 * (sharded // 8 + replicated)  # 4 * 428,288 = 1,713,152 bytes
+    full = 4 * (sharded + replicated)  # 13,640,704 bytes
+    assert shard == 1_713_152 and shard > full // 8 == 1_705_088
+    expected = {0: (full, full, 2 * full + ADAMW_SCALAR_BYTES), 1: (full, full, 2 * shard + ADAMW_SCALAR_BYTES),
+                2: (full, shard, 2 * shard + ADAMW_SCALAR_BYTES), 3: (shard, shard, 2 * shard + ADAMW_SCALAR_BYTES)}
+    for stage, (params, grads, opt_state) in expected.items():
+        memory = result.stages[stage]
+        assert (memory.params, memory.grads, memory.opt_state) == (params, grads, opt_state), stage
 
 
 def test_flops_and_step_time_follow_the_config(llama_8b):

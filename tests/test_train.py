@@ -12,42 +12,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import SMALL_MODEL, environment
+
 pytestmark = pytest.mark.slow
 
 TOTAL_STEPS = 12
-# configs/tiny.py shrunk so each run takes seconds; checkpoints every 4 steps, a metrics line every step.
-SMALL = [
-    "--config=configs/tiny.py", "--config.model.num_layers=2", "--config.model.d_model=64",
-    "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.mlp_dim=128",
-    "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.log_every=1", "--config.eval_every=6",
-    "--config.eval_steps=2", "--config.checkpoint_every=4", "--config.optim.warmup_steps=2",
-]
+# The small model; checkpoints every 4 steps, a metrics line every step.
+SMALL = [*SMALL_MODEL, "--config.log_every=1", "--config.eval_every=6", "--config.eval_steps=2",
+         "--config.checkpoint_every=4", "--config.optim.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One tokenizer cache for the module: the default-corpus tokenizer is trained once."""
-    return str(tmp_path_factory.mktemp("lm_cache"))
+def command(lm_command):
+    def train_command(workdir, *extra, total_steps=TOTAL_STEPS):
+        return lm_command("lm.train", f"--workdir={workdir}", *SMALL, f"--config.total_steps={total_steps}", *extra)
+
+    return train_command
 
 
-def command(workdir, cache_dir, *extra, total_steps=TOTAL_STEPS):
-    return [sys.executable, "-m", "lm.train", f"--workdir={workdir}", *SMALL,
-            f"--config.total_steps={total_steps}", f"--config.data.cache_dir={cache_dir}", *extra]
+@pytest.fixture(scope="module")
+def run(run_lm):
+    def train(workdir, *extra, devices=1, total_steps=TOTAL_STEPS, check=True):
+        return run_lm("lm.train", f"--workdir={workdir}", *SMALL, f"--config.total_steps={total_steps}", *extra,
+                      devices=devices, check=check)
 
-
-def environment(devices=1):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def run(workdir, cache_dir, *extra, devices=1, total_steps=TOTAL_STEPS, check=True):
-    result = subprocess.run(command(workdir, cache_dir, *extra, total_steps=total_steps), env=environment(devices),
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"lm.train failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    return train
 
 
 def metrics(workdir):
@@ -79,9 +68,9 @@ def wait_for_step(process, workdir, step, checkpoint_step=None, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, cache_dir):
+def reference_run(tmp_path_factory, run):
     workdir = str(tmp_path_factory.mktemp("reference"))
-    run(workdir, cache_dir)
+    run(workdir)
     return workdir
 
 
@@ -107,25 +96,25 @@ def test_reference_run_learns_and_writes_everything(reference_run):
     assert os.path.isfile(os.path.join(reference_run, "config.json"))
 
 
-def test_sigkill_then_restart_resumes_bitwise(tmp_path, cache_dir, reference_run):
+def test_sigkill_then_restart_resumes_bitwise(tmp_path, command, run, reference_run):
     workdir = str(tmp_path / "killed")
-    process = subprocess.Popen(command(workdir, cache_dir), env=environment(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command(workdir), env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     wait_for_step(process, workdir, 6, checkpoint_step=4)
     process.kill()
     process.wait(timeout=60)
-    result = run(workdir, cache_dir)
+    result = run(workdir)
     assert "resumed from step 4" in result.stdout or "resumed from step 8" in result.stdout
     assert_same_run(workdir, reference_run)
 
 
-def test_kill_during_async_save_never_restores_a_partial_checkpoint(tmp_path, cache_dir, reference_run):
+def test_kill_during_async_save_never_restores_a_partial_checkpoint(tmp_path, run, reference_run):
     workdir = str(tmp_path / "killed_while_saving")
-    first = run(workdir, cache_dir, "--debug_kill_after_save_step=8", check=False)
+    first = run(workdir, "--debug_kill_after_save_step=8", check=False)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     # Only finalized step directories count; step 8 may be complete or a leftover temporary directory.
     complete = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
-    result = run(workdir, cache_dir)
+    result = run(workdir)
     if complete:
         assert f"resumed from step {max(complete)}" in result.stdout
     else:  # Under heavy load even step 4 may still have been in flight: the restart then begins afresh.
@@ -133,9 +122,9 @@ def test_kill_during_async_save_never_restores_a_partial_checkpoint(tmp_path, ca
     assert_same_run(workdir, reference_run)
 
 
-def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, cache_dir):
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, command):
     workdir = str(tmp_path / "preempted")
-    process = subprocess.Popen(command(workdir, cache_dir, total_steps=10_000), env=environment(),
+    process = subprocess.Popen(command(workdir, total_steps=10_000), env=environment(),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     wait_for_step(process, workdir, 3)
     process.send_signal(signal.SIGTERM)
@@ -147,34 +136,37 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, cache_dir):
     assert max(steps) == last_step
 
 
-def test_non_finite_step_is_skipped_and_training_continues(tmp_path, cache_dir):
+def test_non_finite_step_is_skipped_and_training_continues(tmp_path, run):
     workdir = str(tmp_path / "nan")
-    run(workdir, cache_dir, "--debug_nan_steps=3", total_steps=6)
+    run(workdir, "--debug_nan_steps=3", total_steps=6)
     records = {m["step"]: m for m in metrics(workdir) if "loss" in m}
-    assert records[3]["skipped"] == 1.0 and not np.isfinite(records[3]["loss"])
+    assert records[3]["skipped"] == 1.0 and records[3]["consecutive_skips"] == 1.0
+    assert not np.isfinite(records[3]["loss"])
+    assert records[4]["skipped"] == 0.0 and records[4]["consecutive_skips"] == 0.0
     assert records[6]["skipped_total"] == 1.0 and np.isfinite(records[6]["loss"])
 
 
-def test_too_many_consecutive_skips_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, cache_dir):
+def test_too_many_consecutive_skips_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, run):
     workdir = str(tmp_path / "nans")
-    result = run(workdir, cache_dir, "--debug_nan_steps=5,6", "--config.max_consecutive_skips=2", check=False)
-    assert result.returncode != 0
-    assert "2 consecutive steps had a non-finite loss" in result.stderr
+    result = run(workdir, "--debug_nan_steps=5,6", "--config.max_consecutive_skips=2", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: stopping: 2 consecutive steps had a non-finite loss or gradient norm")
     assert "the last good checkpoint is step 4" in result.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
 
 
-def test_changed_model_shape_in_the_same_workdir_fails_clearly(reference_run, cache_dir):
-    result = run(reference_run, cache_dir, "--config.model.d_model=128", check=False)
+def test_changed_model_shape_in_the_same_workdir_fails_clearly(reference_run, run):
+    result = run(reference_run, "--config.model.d_model=128", check=False)
     assert result.returncode != 0
     assert "holds a run of another model (config.model d_model: 64 in the workdir, 128 now)" in result.stderr
     assert len(result.stderr.strip().splitlines()[-1]) < 300
 
 
 @pytest.mark.parametrize("zero_stage", [1, 3])
-def test_trainer_on_8_devices_matches_one_device(tmp_path, cache_dir, reference_run, zero_stage):
+def test_trainer_on_8_devices_matches_one_device(tmp_path, run, reference_run, zero_stage):
     workdir = str(tmp_path / f"stage{zero_stage}")
-    run(workdir, cache_dir, f"--config.sharding.zero_stage={zero_stage}", "--config.mesh.data=2",
+    run(workdir, f"--config.sharding.zero_stage={zero_stage}", "--config.mesh.data=2",
         devices=8)
     reference = train_losses(reference_run)
     for step, loss in train_losses(workdir).items():

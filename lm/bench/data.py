@@ -6,8 +6,9 @@ Prints, for the configured source (the default corpus for `configs/tiny.py`):
 - the corpus: documents, characters and tokens (with the run's tokenizer) per split;
 - the time to prepare the source and get the tokenizer (training it when it is not cached);
 - tokens per second (`batch_size * seq_len` per batch) of the training pipeline as the trainer uses it (shuffled,
-  packed, tokenized on the fly, one prefetch thread), of the same without the thread, and of the evaluation
-  pipeline without packing; each after a warm-up, over `--batches` batches, in this process;
+  packed, tokenized on the fly, one prefetch thread), of the same without the thread or with one document per row,
+  and of the evaluation layout (`windows`, repeated here so it lasts); each after a warm-up, over `--batches`
+  batches, in this process;
 - what the trainer consumes: tokens per second of the real train step (`lm.train_step`) for the same config, timed
   in this process over `--train_steps` steps after a compile step, and the pipeline's margin over it (the
   requirement is >= 10x).
@@ -18,8 +19,10 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from lm import cli
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "tiny.py"), "Config file.")
@@ -68,7 +71,7 @@ def trainer_tokens_per_second(config, steps: int) -> float:
     config.data.source = "synthetic"
     training = train_step_lib.build(config)
     state, step = training.init_state(), training.train_step()
-    iterator = pipeline.make_train_iterator(config)
+    iterator = pipeline.make_train_iterator(config, tokenizer=None)
     times = []
     for _ in range(steps + 1):
         batch = pipeline.to_global_arrays(next(iterator), training.shardings.batch)
@@ -82,7 +85,7 @@ def trainer_tokens_per_second(config, steps: int) -> float:
 def main(argv):
     del argv
     from lm import config as lm_config
-    from lm.data import pipeline, tokenizer as tokenizer_lib
+    from lm.data import pipeline, sources, tokenizer_training
 
     config = lm_config.validate(FLAGS.config)
     d = config.data
@@ -91,9 +94,10 @@ def main(argv):
     tokenizer = None
     if d.source != "synthetic":
         start = time.perf_counter()
-        tokenizer = tokenizer_lib.get_tokenizer(config)
+        train_split = sources.resolve(config, d.train_split)
+        tokenizer = tokenizer_training.get_or_train(config, train_split)
         print(f"source + tokenizer ready in {time.perf_counter() - start:.1f} s "
-              f"(tokenizer {tokenizer.vocab_size()} pieces, {tokenizer_lib.cached_path(config)})")
+              f"(tokenizer {tokenizer.vocab_size()} pieces, {tokenizer_training.cached_path(config, train_split)})")
         print(f"{'split':>12} {'documents':>10} {'characters':>12} {'tokens':>10} {'chars/token':>12}")
         for split, docs, chars, tokens in corpus_stats(config, tokenizer):
             print(f"{split:>12} {docs:>10} {chars:>12} {tokens:>10} {chars / tokens:>12.2f}")
@@ -101,7 +105,8 @@ def main(argv):
     runs = [
         ("train: packed, shuffled, prefetch thread", dict(shuffle=True)),
         ("train: packed, shuffled, no thread", dict(shuffle=True, prefetch=0)),
-        ("eval: padded (pack=False), in order", dict(shuffle=False, pack=False)),
+        ("train: one document per row (pack=False)", dict(shuffle=True, layout="pad")),
+        ("eval: windows packed whole, in order", dict(shuffle=False, layout="windows")),
     ]
     if d.source == "synthetic":
         runs = runs[:1]
@@ -121,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,16 +12,17 @@ Each is run once to compile, then timed once; tokens/s counts new tokens of all 
 
 import time
 
-from absl import app, flags
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from lm import checkpoint
+from lm import cli
 from lm import generate
 from lm import model as model_lib
+from lm import sharding as sharding_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "Tokens generated per row.")
@@ -31,7 +32,7 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to meas
 _BUCKET = 32
 
 
-def recompute_decode(model, params, prompt_bp: np.ndarray, new_tokens: int) -> np.ndarray:
+def recompute_decode(model, params, prompt_bt: np.ndarray, new_tokens: int) -> np.ndarray:
     """Greedy decoding without a cache: every step is a full forward pass over all tokens so far."""
 
     @jax.jit
@@ -40,9 +41,9 @@ def recompute_decode(model, params, prompt_bp: np.ndarray, new_tokens: int) -> n
         logits_bv = model.apply({"params": params}, hidden_btd[:, last], method=model.logits)
         return jnp.argmax(logits_bv, axis=-1)
 
-    batch, length = prompt_bp.shape
+    batch, length = prompt_bt.shape
     buffer_bt = np.zeros((batch, length + new_tokens), np.int32)
-    buffer_bt[:, :length] = prompt_bp
+    buffer_bt[:, :length] = prompt_bt
     for t in range(length, length + new_tokens):
         # Causal attention: the zeros after position t-1 do not change its logits.
         width = min(-(-t // _BUCKET) * _BUCKET, buffer_bt.shape[1])
@@ -50,8 +51,8 @@ def recompute_decode(model, params, prompt_bp: np.ndarray, new_tokens: int) -> n
     return buffer_bt[:, length:]
 
 
-def kv_cache_decode(config, params, prompt_bp: np.ndarray, new_tokens: int) -> np.ndarray:
-    return np.asarray(generate.generate(config, params, prompt_bp.tolist(), max_new_tokens=new_tokens))
+def kv_cache_decode(config, params, prompt_bt: np.ndarray, new_tokens: int) -> np.ndarray:
+    return np.asarray(generate.generate(config, params, prompt_bt.tolist(), max_new_tokens=new_tokens))
 
 
 def timed(fn):
@@ -68,7 +69,7 @@ def main(argv):
     # RoPE has no position table: allowing longer sequences than training changes nothing but this check.
     config.model.max_seq_len = max(config.model.max_seq_len, prompt_length + new_tokens)
     model = model_lib.build(config)
-    mesh = checkpoint.default_mesh(config, jax.devices()[:1])
+    mesh = sharding_lib.default_mesh(config, jax.devices()[:1])
     params = jax.device_put(nn.unbox(model_lib.init(model, jax.random.key(0))),
                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     print(f"{config.model.num_layers} layers, d_model {config.model.d_model}, vocab {config.model.vocab_size}, "
@@ -77,14 +78,14 @@ def main(argv):
     print(f"{'batch':>5}  {'kv_cache tok/s':>14}  {'recompute tok/s':>15}  {'speed-up':>8}  same tokens")
     rng = np.random.default_rng(0)
     for batch in (int(b) for b in _BATCH_SIZES.value):
-        prompt_bp = rng.integers(0, config.model.vocab_size, (batch, prompt_length), dtype=np.int32)
-        cached_s, cached = timed(lambda: kv_cache_decode(config, params, prompt_bp, new_tokens))
-        recompute_s, recomputed = timed(lambda: recompute_decode(model, params, prompt_bp, new_tokens))
+        prompt_bt = rng.integers(0, config.model.vocab_size, (batch, prompt_length), dtype=np.int32)
+        cached_seconds, cached = timed(lambda: kv_cache_decode(config, params, prompt_bt, new_tokens))
+        recompute_seconds, recomputed = timed(lambda: recompute_decode(model, params, prompt_bt, new_tokens))
         # Greedy paths agree token for token unless two logits tie to rounding; report rather than assert.
         agree = float(np.mean(cached == recomputed))
-        print(f"{batch:>5}  {batch * new_tokens / cached_s:>14,.0f}  {batch * new_tokens / recompute_s:>15,.0f}  "
-              f"{recompute_s / cached_s:>7.1f}x  {100 * agree:.0f}%")
+        print(f"{batch:>5}  {batch * new_tokens / cached_seconds:>14,.0f}  {batch * new_tokens / recompute_seconds:>15,.0f}  "
+              f"{recompute_seconds / cached_seconds:>7.1f}x  {100 * agree:.0f}%")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,9 +22,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from lm import cli
 from lm import loss as lm_loss
+from lm.errors import ArgumentError
 
 _CASES = flags.DEFINE_list("cases", ["big_fp32", "big_bf16", "gpt2_fp32", "gpt2_bf16"], "Cases to run (see CASES).")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "Vocabulary block size; default: each case's own.")
@@ -106,7 +108,7 @@ def run_case(name: str, case: Case, repeats: int, time_all: bool) -> dict:
         row[f"{version}_mb"] = c.memory_analysis().temp_size_in_bytes / 1e6
     if case.time_on_cpu or time_all or jax.default_backend() != "cpu":
         medians = _time(compiled, _inputs(case), repeats)
-        row.update(naive_s=medians["naive"], chunked_s=medians["chunked"],
+        row.update(naive_seconds=medians["naive"], chunked_seconds=medians["chunked"],
                    ratio=medians["chunked"] / medians["naive"])
     return row
 
@@ -116,11 +118,11 @@ def format_table(rows) -> str:
               "| time ratio |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in rows:
-        timed = "naive_s" in r
+        timed = "naive_seconds" in r
         lines.append(
             f"| {r['case']} | {r['shape']} | {r['dtype']} | {r['chunk']} | {r['naive_mb']:,.0f} | "
             f"{r['chunked_mb']:,.0f} | {r['chunked_mb'] / r['naive_mb']:.3f} | "
-            + (f"{r['naive_s']:.2f} | {r['chunked_s']:.2f} | {r['ratio']:.2f} |" if timed else "- | - | - |"))
+            + (f"{r['naive_seconds']:.2f} | {r['chunked_seconds']:.2f} | {r['ratio']:.2f} |" if timed else "- | - | - |"))
     return "\n".join(lines)
 
 
@@ -128,7 +130,7 @@ def main(argv):
     del argv
     unknown = [name for name in _CASES.value if name not in CASES]
     if unknown:
-        raise app.UsageError(f"--cases: unknown {unknown}; expected some of {', '.join(CASES)}")
+        raise ArgumentError(f"--cases: unknown {unknown}; expected some of {', '.join(CASES)}")
     print(f"backend={jax.default_backend()} devices={jax.device_count()} "
           f"({jax.devices()[0].device_kind}) jax={jax.__version__}, value_and_grad w.r.t. hidden and kernel")
     rows = []
@@ -142,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -8,13 +8,14 @@ measured forward time and tokens per second (median of `--steps` runs after one 
 
 import time
 
-from absl import app, flags
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from lm import cli
 from lm import config as lm_config
 from lm import flops
 from lm import model as model_lib
@@ -38,13 +39,13 @@ def main(argv):
         start = time.perf_counter()
         forward(params, tokens_bt).block_until_ready()
         times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
+    step_seconds = float(np.median(times))
     print(f"parameters: {flops.param_count(config):,} from the config, {initialised:,} initialised")
     print(f"train FLOPs per token (seq_len {seq_len}): {flops.train_flops_per_token(config, seq_len):.3e}")
     print(f"hidden states: {hidden_btd.shape} {hidden_btd.dtype}, finite: {bool(jnp.isfinite(hidden_btd).all())}")
-    print(f"forward: {step_s * 1e3:.1f} ms per batch of {batch_size}x{seq_len} "
-          f"({batch_size * seq_len / step_s:,.0f} tokens/s) on {jax.devices()[0].device_kind}")
+    print(f"forward: {step_seconds * 1e3:.1f} ms per batch of {batch_size}x{seq_len} "
+          f"({batch_size * seq_len / step_seconds:,.0f} tokens/s) on {jax.devices()[0].device_kind}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

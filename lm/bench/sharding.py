@@ -7,10 +7,11 @@ from the pre-flight's abstract evaluation (`lm.preflight.estimate`): no device, 
 `python -m lm.preflight` adds activations, FLOPs and step time for a named device kind.
 """
 
-from absl import app, flags
+from absl import flags
 import jax
 from ml_collections import config_flags
 
+from lm import cli
 from lm import preflight
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/llama_8b.py", "Config file.")
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,11 +10,12 @@ in use (datasheet bf16 peak on accelerators; on CPU a matmul peak measured in th
 
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 from ml_collections import config_flags
 
+from lm import cli
 from lm import flops
 from lm import train_step as train_step_lib
 from lm.data import pipeline
@@ -30,7 +31,7 @@ def main(argv):
     training = train_step_lib.build(config)
     state = training.init_state()
     step = training.train_step()
-    iterator = pipeline.make_train_iterator(config)
+    iterator = pipeline.make_train_iterator(config, tokenizer=None)
     batches = [pipeline.to_global_arrays(next(iterator), training.shardings.batch) for _ in range(_STEPS.value + 1)]
     state, metrics = step(state, batches[0])
     jax.block_until_ready(metrics)
@@ -54,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

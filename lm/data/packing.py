@@ -1,4 +1,4 @@
-"""Token documents -> fixed-length training examples: packed (concatenate, then cut) or padded (one document a row).
+"""Token documents -> fixed-length examples, in one of three layouts (`LAYOUTS`).
 
 A document is `[BOS] + tokens + [EOS]` (no BOS when the tokenizer has none). Both modes cut token streams into
 windows of `seq_len + 1` tokens and turn each window `w` into one example of length L = seq_len:
@@ -14,11 +14,14 @@ the position holding a document's EOS has weight 0 (its target would be the next
 weight 0. EOS itself is a target (of the document's last token), so the model learns where documents end. A
 document continued from the previous window starts its segment there at position 0 (positions are per row).
 
-- `pack`: grain's `ConcatThenSplitIterDataset` concatenates documents and cuts the stream into consecutive,
-  non-overlapping windows of `seq_len + 1` (the first token of each window is not a target: 1 in L+1 tokens);
-  only the very end of a finite stream is padded.
-- `pad` (evaluation without packing): every document on its own rows, cut into windows of `seq_len + 1` and
-  padded, so no token is dropped and no row holds two documents.
+- `pack` (training, `config.data.pack=True`): grain's `ConcatThenSplitIterDataset` concatenates documents and cuts
+  the stream into consecutive, non-overlapping windows of `seq_len + 1` (the first token of each window is not a
+  target: 1 in L+1 tokens); only the very end of a finite stream is padded.
+- `pad` (`config.data.pack=False`): every document on its own rows, one `document_windows` window per row, padded.
+- `windows` (evaluation): the same windows, packed whole into rows by grain's first-fit packer
+  (`FirstFitPackIterDataset`), never split. Every token of a document except its first is a target exactly once,
+  and its loss depends only on its window (attention stays in the segment, positions restart), not on which row or
+  process the window landed in: evaluating a split gives the same sums on any number of processes and devices.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import grain
 import numpy as np
 
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
+LAYOUTS = ("pack", "pad", "windows")
 
 
 def window_to_example(tokens_w: np.ndarray, segment_ids_w: np.ndarray, positions_w: np.ndarray
@@ -54,6 +58,7 @@ def window_to_example(tokens_w: np.ndarray, segment_ids_w: np.ndarray, positions
 
 
 def _cts_to_example(window: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed row from grain's packers (`tokens`, `tokens_segment_ids`, `tokens_positions`) -> an example."""
     return window_to_example(window["tokens"], window["tokens_segment_ids"], window["tokens_positions"])
 
 
@@ -64,35 +69,48 @@ def pack(token_docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
     return windows.map(_cts_to_example)
 
 
-class _PadDocument(grain.experimental.FlatMapTransform):
-    """One document -> its windows of `seq_len + 1` tokens, each padded on its own row."""
+def document_windows(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """A document's tokens cut into windows of at most `seq_len + 1` tokens, each starting where the last one's final
+    token is (a stride of `seq_len`), so every token but the first is a target in exactly one window. A last window
+    of one token (nothing to predict) is left out."""
+    return [tokens[start:start + seq_len + 1] for start in range(0, max(len(tokens) - 1, 1), seq_len)]
+
+
+class _DocumentWindows(grain.experimental.FlatMapTransform):
+    """One `{'tokens': [n]}` document -> its `document_windows`, each a `{'tokens': [<= seq_len + 1]}` element."""
 
     max_fan_out = 1 << 20  # Not enforced by FlatMapIterDataset; documents may be arbitrarily long.
 
-    def __init__(self, seq_len: int, pad_id: int):
-        self._window = seq_len + 1
-        self._pad_id = pad_id
+    def __init__(self, seq_len: int):
+        self._seq_len = seq_len
 
     def flat_map(self, document: Mapping[str, np.ndarray]) -> Sequence[dict[str, np.ndarray]]:
-        tokens = document["tokens"]
-        rows = []
-        # A last piece of one token has no target: leave it out rather than emit a row of zero weights.
-        for start in range(0, max(len(tokens) - 1, 1), self._window):
-            piece = tokens[start:start + self._window]
-            n = len(piece)
-            tokens_w = np.full(self._window, self._pad_id, np.int32)
-            tokens_w[:n] = piece
-            segment_ids_w = np.zeros(self._window, np.int32)
-            segment_ids_w[:n] = 1
-            positions_w = np.zeros(self._window, np.int32)
-            positions_w[:n] = np.arange(n, dtype=np.int32)
-            rows.append(window_to_example(tokens_w, segment_ids_w, positions_w))
-        return rows
+        return [{"tokens": window} for window in document_windows(document["tokens"], self._seq_len)]
+
+
+def _padded_window_example(window: Mapping[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One window of `n <= seq_len + 1` tokens alone on a row: segment 1, positions 0..n-1, then padding."""
+    n = len(window["tokens"])
+    tokens_w = np.full(seq_len + 1, pad_id, np.int32)
+    tokens_w[:n] = window["tokens"]
+    segment_ids_w = (np.arange(seq_len + 1) < n).astype(np.int32)
+    positions_w = np.where(segment_ids_w == 1, np.arange(seq_len + 1), 0).astype(np.int32)
+    return window_to_example(tokens_w, segment_ids_w, positions_w)
 
 
 def pad(token_docs: grain.IterDataset, seq_len: int, pad_id: int) -> grain.IterDataset:
     """One document per row: `{'tokens': int32 [n]}` documents -> padded examples of length `seq_len`."""
-    return grain.experimental.FlatMapIterDataset(token_docs, _PadDocument(seq_len, pad_id))
+    windows = grain.experimental.FlatMapIterDataset(token_docs, _DocumentWindows(seq_len))
+    return windows.map(lambda window: _padded_window_example(window, seq_len, pad_id))
+
+
+def pack_windows(token_docs: grain.IterDataset, seq_len: int, rows: int) -> grain.IterDataset:
+    """Evaluation: `document_windows` packed whole, first fit, into rows of `seq_len + 1` tokens (module docstring);
+    `rows` packing bins are filled at a time (a batch's worth), in storage order."""
+    windows = grain.experimental.FlatMapIterDataset(token_docs, _DocumentWindows(seq_len))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        windows, length_struct={"tokens": seq_len + 1}, num_packing_bins=rows, shuffle_bins=False)
+    return packed.map(_cts_to_example)
 
 
 def padding_example(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -16,6 +16,14 @@ batch when the batch axis is sharded over all devices in process order (the usua
 Sharding across hosts: process p reads only its shard of the documents (`lm.data.sources.documents`); the shards
 are disjoint and together cover the split.
 
+The caller gives the tokenizer (`lm.data.tokenizer_training.get_or_train` for a training run, the workdir's copy for
+evaluation) and may give the split already resolved (`lm.data.sources.resolve`), so nothing is looked up twice.
+
+Training batches are shuffled and endless, laid out by `config.data.pack` (`pack` or `pad`, `lm.data.packing`).
+Evaluation batches (`make_eval_iterator`) are the eval split in storage order, once, in the `windows` layout (every
+target token exactly once, its loss independent of the process count); the stream ends after the last batch,
+which is filled up with padding rows.
+
 Determinism and resume: the pipeline has no source of randomness besides `config.seed` (grain shuffles by seed; the
 thread pools keep order), so for a fixed config and process layout the batch at step s is a function of (seed, s).
 `BatchIterator.get_state()` is a small JSON-serializable dict:
@@ -50,9 +58,9 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
-from lm.config import ConfigError
 from lm.data import packing, sources
 from lm.data import tokenizer as tokenizer_lib
+from lm.errors import ArgumentError, ConfigError, IteratorStateError
 
 STATE_VERSION = 1
 # Iterators still open at exit are closed while the interpreter is intact (grain's prefetch thread otherwise fails
@@ -64,10 +72,6 @@ _OPEN_ITERATORS: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
 def _close_open_iterators() -> None:
     for iterator in list(_OPEN_ITERATORS):
         iterator.close()
-
-
-class IteratorStateError(ValueError):
-    """A saved iterator state does not belong to this pipeline (it was saved under a different config)."""
 
 
 def check_config(config: ml_collections.ConfigDict, process_index: int, process_count: int) -> int:
@@ -148,6 +152,12 @@ class BatchIterator(grain.DatasetIterator):
         self._inner.set_state(packing.restore_state_types(state["pipeline"]))
         self.step = int(state["step"])
 
+    def padding_batch(self) -> dict[str, np.ndarray]:
+        """A batch of all-padding rows (weights 0): what a process whose finite stream has ended feeds to a step
+        that every process runs together."""
+        pad_id = 0 if self.tokenizer is None else max(self.tokenizer.pad_id(), 0)
+        return _stack([], self.local_batch_size, packing.padding_example(self.seq_len, pad_id))
+
     def close(self) -> None:
         """Stops the background thread and releases the pipeline; the iterator cannot be used afterwards.
 
@@ -196,13 +206,12 @@ class _SyntheticIterator(grain.DatasetIterator):
 
 def make_iterator(
     config: ml_collections.ConfigDict,
-    split: str,
+    split: str | sources.ResolvedSplit,
     *,
+    tokenizer: spm.SentencePieceProcessor | None,
     shuffle: bool = True,
-    pack: bool | None = None,
+    layout: str | None = None,
     num_epochs: int | None = None,
-    tokenizer: spm.SentencePieceProcessor | None = None,
-    workdir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     prefetch: int = 2,
@@ -211,13 +220,12 @@ def make_iterator(
 
     Args:
       config: the run config (`config.data.*`, `config.model.{vocab_size, max_seq_len}`, `config.seed`).
-      split: TFDS split spec, e.g. `config.data.train_split`.
+      split: a TFDS split spec such as `config.data.train_split`, or that split already resolved.
+      tokenizer: the SentencePiece model the documents are encoded with (None only for `source='synthetic'`).
       shuffle: shuffle documents (seeded by `config.seed` and the split); False: storage order.
-      pack: pack documents (default `config.data.pack`); False: one document per row, padded.
+      layout: `pack`, `pad` or `windows` (`lm.data.packing`); default `pack` if `config.data.pack` else `pad`.
       num_epochs: passes over the data; None: forever. A finite stream ends with a batch filled up with padding
         rows; processes may then run out at different steps (their shards differ in size).
-      tokenizer: a SentencePiece model; default `tokenizer.get_tokenizer(config, workdir=workdir)`.
-      workdir: the run directory (the tokenizer is kept there).
       process_index, process_count: default `jax.process_index()`, `jax.process_count()`; pass them to simulate
         other processes.
       prefetch: batches prepared ahead in a background thread; 0 disables the thread.
@@ -231,9 +239,10 @@ def make_iterator(
     process_count = jax.process_count() if process_count is None else process_count
     rows = check_config(config, process_index, process_count)
     seq_len = config.data.seq_len
-    seed = sources.shuffle_seed(config.seed, split)
+    split_name = split.split if isinstance(split, sources.ResolvedSplit) else split
+    seed = sources.shuffle_seed(config.seed, split_name)
     meta = {"process_count": process_count, "process_index": process_index, "source": config.data.source,
-            "split": split, "seq_len": seq_len, "local_batch_size": rows, "seed": seed}
+            "split": split_name, "seq_len": seq_len, "local_batch_size": rows, "seed": seed}
     common = dict(local_batch_size=rows, global_batch_size=config.data.batch_size, seq_len=seq_len)
 
     if config.data.source == "synthetic":
@@ -241,21 +250,29 @@ def make_iterator(
                                    seq_len=seq_len, vocab_size=config.model.vocab_size)
         return BatchIterator(inner, meta=meta, tokenizer=None, **common)
 
-    resolved = sources.resolve(config, split)  # Checks name, split, files, field, emptiness before any work.
+    # Checks name, split, files, field, emptiness before any work.
+    resolved = split if isinstance(split, sources.ResolvedSplit) else sources.resolve(config, split)
     if tokenizer is None:
-        tokenizer = tokenizer_lib.get_tokenizer(config, workdir=workdir)
+        raise ArgumentError(f"config.data.source={config.data.source!r} needs a tokenizer (tokenizer=None)")
     tokenizer_lib.check_vocab_size(tokenizer, config)
     if tokenizer.eos_id() < 0:
         raise ConfigError("the tokenizer has no EOS piece (eos_id < 0); documents are EOS-terminated")
-    pack = config.data.pack if pack is None else pack
+    layout = ("pack" if config.data.pack else "pad") if layout is None else layout
+    if layout not in packing.LAYOUTS:
+        raise ArgumentError(f"layout={layout!r} is not one of {', '.join(packing.LAYOUTS)}")
     pad_id = max(tokenizer.pad_id(), 0)
-    meta.update(source=resolved.fingerprint, tokenizer=tokenizer_lib.fingerprint(tokenizer), pack=bool(pack),
+    meta.update(source=resolved.fingerprint, tokenizer=tokenizer_lib.fingerprint(tokenizer), layout=layout,
                 shuffle=bool(shuffle))
 
     docs = sources.documents(resolved, process_index=process_index, process_count=process_count, shuffle=shuffle,
                              seed=seed, num_epochs=num_epochs, shuffle_buffer=config.data.shuffle_buffer)
     token_docs = docs.map(_Tokenize(tokenizer))
-    examples = packing.pack(token_docs, seq_len) if pack else packing.pad(token_docs, seq_len, pad_id)
+    if layout == "pack":
+        examples = packing.pack(token_docs, seq_len)
+    elif layout == "pad":
+        examples = packing.pad(token_docs, seq_len, pad_id)
+    else:
+        examples = packing.pack_windows(token_docs, seq_len, rows)
     padding = packing.padding_example(seq_len, pad_id)
     batches = examples.batch(rows, drop_remainder=False, batch_fn=lambda e: _stack(list(e), rows, padding))
     if prefetch > 0:
@@ -263,25 +280,21 @@ def make_iterator(
     return BatchIterator(iter(batches), meta=meta, tokenizer=tokenizer, **common)
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, **kwargs) -> BatchIterator:
-    """Shuffled, packed (per `config.data.pack`), endless batches of `config.data.train_split`."""
-    return make_iterator(config, config.data.train_split, **{"shuffle": True, **kwargs})
+def make_train_iterator(config: ml_collections.ConfigDict, *, tokenizer: spm.SentencePieceProcessor | None,
+                        split: sources.ResolvedSplit | None = None, **kwargs) -> BatchIterator:
+    """Shuffled, endless batches of `config.data.train_split` (or of `split`, that split resolved), laid out by
+    `config.data.pack`."""
+    return make_iterator(config, config.data.train_split if split is None else split, tokenizer=tokenizer,
+                         **{"shuffle": True, **kwargs})
 
 
-def make_eval_iterator(config: ml_collections.ConfigDict, **kwargs) -> BatchIterator:
-    """Batches of `config.data.eval_split` in storage order: a fresh iterator gives the same batches every time.
-
-    Endless by default (so `config.eval_steps` batches always exist, on every process); `num_epochs=1` for exactly
-    one pass, `pack=False` for one document per row.
-    """
-    return make_iterator(config, config.data.eval_split, **{"shuffle": False, **kwargs})
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...] = ("data", "fsdp")
-                   ) -> jax.sharding.NamedSharding:
-    """Sharding of a [B, L] batch: B over `batch_axes` (the mesh axes of the logical `batch` axis), L replicated."""
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None, None))
+def make_eval_iterator(config: ml_collections.ConfigDict, *, tokenizer: spm.SentencePieceProcessor | None,
+                       split: sources.ResolvedSplit | None = None, **kwargs) -> BatchIterator:
+    """The evaluation stream of `config.data.eval_split` (or of `split`, that split resolved): storage order, one
+    pass, `windows` layout (module docstring), so a fresh iterator gives the same batches every time. For
+    `source='synthetic'`, endless random batches."""
+    return make_iterator(config, config.data.eval_split if split is None else split, tokenizer=tokenizer,
+                         **{"shuffle": False, "layout": "windows", "num_epochs": 1, **kwargs})
 
 
 def to_global_arrays(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
