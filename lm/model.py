@@ -11,9 +11,9 @@ the vocabulary. Decoding (`lm.generate`) calls `Transformer.decode`, which runs 
 returns logits for the last position only. Wherever logits are formed (`Transformer.logits`, the blockwise loss),
 `config.model.logit_softcap` caps them the same way, so sampling draws from the distribution that was trained.
 
-Every parameter is created through `nn.with_logical_partitioning` with the logical axis names of DESIGN.md
-(`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, and `layers` for the scanned stack), so the sharding rules
-in the config decide where each lives. `init` therefore returns `nn.Partitioned` boxes; `nn.get_partition_spec` reads
+Every parameter is created through `nn.with_logical_partitioning` with the package's logical axis names
+(`lm/__init__.py`: `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, and `layers` for the scanned stack), so
+the sharding rules in the config decide where each lives. `init` therefore returns `nn.Partitioned` boxes; `nn.get_partition_spec` reads
 their logical names and `nn.unbox` gives plain arrays (`apply` accepts either).
 """
 

@@ -284,7 +284,7 @@ def report(config: ml_collections.ConfigDict, result: Estimate) -> str:
         f"target: {result.devices} x {result.device} ({result.device_memory / flops.GiB:.0f} GiB = {memory_gb:.1f} GB, "
         f"{result.peak_flops / 1e12:.0f} TFLOP/s bf16 peak), mesh {mesh}, ZeRO stage {result.zero_stage}, "
         f"optimizer {config.optim.optimizer}",
-        f"per device (GB = 1e9 bytes):",
+        "per device (GB = 1e9 bytes):",
         f"  parameters        {state.params / GB:9.3f}",
         f"  gradients         {state.grads / GB:9.3f}",
         f"  optimizer state   {state.opt_state / GB:9.3f}",

@@ -165,9 +165,9 @@ def _loop(training, state, data, checkpoints, evaluator, writer, progress, workd
         interval_steps += 1
         progress.update(1)
         if step % config.log_every == 0 or step == config.total_steps:
+            last = {k: float(v) for k, v in jax.device_get(metrics).items()}  # Waits for this step to finish.
             elapsed = time.perf_counter() - interval_start
             tokens_per_sec = interval_steps * config.data.batch_size * config.data.seq_len / elapsed
-            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
             last.update(tokens_per_sec=tokens_per_sec, step_time=elapsed / interval_steps,
                         mfu=flops.mfu(flops_per_token, tokens_per_sec, peak))
             writer.write(step, last)

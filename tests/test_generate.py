@@ -46,21 +46,21 @@ def test_kv_cache_logits_equal_full_forward_at_every_position(num_kv_heads, over
     # Left-pad the prompts to 16 slots, as lm.generate does, then prefill and feed the continuation token by token.
     width = 16
     start_b = jnp.asarray([width - len(p) for p in PROMPTS])
-    prompt_bp = jnp.asarray([[0] * (width - len(p)) + p for p in PROMPTS])
+    prompt_bt = jnp.asarray([[0] * (width - len(p)) + p for p in PROMPTS])
     cache = model_lib.KVCache.zeros(model.cfg, start_b, width + new_tokens)
     decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode))
-    logits_bv, cache = decode(params, prompt_bp, cache)
+    logits_bv, cache = decode(params, prompt_bt, cache)
     cached = [logits_bv]
     for i in range(new_tokens - 1):
         logits_bv, cache = decode(params, jnp.asarray([c[i] for c in continuations])[:, None], cache)
         cached.append(logits_bv)
-    cached_bnv = np.stack(cached, axis=1)
+    cached_btv = np.stack(cached, axis=1)
     assert int(cache.index) == width + new_tokens - 1
     for b, (prompt, continuation) in enumerate(zip(PROMPTS, continuations)):
         reference_tv = full_logits(model, params, prompt + continuation)
         # Position len(prompt) - 1 + i predicts continuation token i.
-        expected_nv = reference_tv[len(prompt) - 1:len(prompt) - 1 + new_tokens]
-        np.testing.assert_allclose(cached_bnv[b], expected_nv, rtol=1e-5, atol=1e-5 * np.abs(expected_nv).max())
+        expected_tv = reference_tv[len(prompt) - 1:len(prompt) - 1 + new_tokens]
+        np.testing.assert_allclose(cached_btv[b], expected_tv, rtol=1e-5, atol=1e-5 * np.abs(expected_tv).max())
 
 
 def test_greedy_generation_follows_the_full_forward_argmax():

@@ -59,29 +59,6 @@ def tokens_per_second(iterator, batches: int, warmup: int) -> tuple[float, float
     return tokens / seconds, targets / seconds
 
 
-def trainer_tokens_per_second(config, steps: int) -> float:
-    """Tokens per second the real train step consumes for `config` (synthetic batches of the same shape)."""
-    import jax
-    import numpy as np
-
-    from lm import train_step as train_step_lib
-    from lm.data import pipeline
-
-    config = config.copy_and_resolve_references()
-    config.data.source = "synthetic"
-    training = train_step_lib.build(config)
-    state, step = training.init_state(), training.train_step()
-    iterator = pipeline.make_train_iterator(config, tokenizer=None)
-    times = []
-    for _ in range(steps + 1):
-        batch = pipeline.to_global_arrays(next(iterator), training.shardings.batch)
-        start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return config.data.batch_size * config.data.seq_len / float(np.median(times[1:]))
-
-
 def main(argv):
     del argv
     from lm import config as lm_config
@@ -120,7 +97,9 @@ def main(argv):
         if train_pipeline_rate is None:
             train_pipeline_rate = rate  # The trainer's own pipeline: shuffled, packed, prefetched.
         print(f"{name:<44} {rate:>12,.0f} tokens/s  ({target_rate:>11,.0f} trained targets/s; setup {setup:.2f} s)")
-    consumed = trainer_tokens_per_second(config, FLAGS.train_steps)
+    from lm.bench import train as train_bench
+
+    _, consumed, _, _ = train_bench.step_tokens_per_second(config, FLAGS.train_steps)
     print(f"the train step consumes {consumed:,.0f} tokens/s (measured, same config); the training pipeline "
           f"delivers {train_pipeline_rate / consumed:.0f}x that (required: >= 10x)")
 

@@ -52,16 +52,16 @@ CASES = {
 }
 
 
-def naive_loss(hidden_nd, kernel_dv, targets_n):
+def naive_loss(hidden_xd, kernel_dv, targets_x):
     """Mean cross-entropy through full `[N, V]` fp32 logits."""
-    logits_nv = jnp.dot(hidden_nd, kernel_dv, preferred_element_type=jnp.float32)
-    lse_n = jax.nn.logsumexp(logits_nv, axis=-1)
-    target_logit_n = jnp.take_along_axis(logits_nv, targets_n[:, None], axis=-1)[:, 0]
-    return jnp.mean(lse_n - target_logit_n)
+    logits_xv = jnp.dot(hidden_xd, kernel_dv, preferred_element_type=jnp.float32)
+    lse_x = jax.nn.logsumexp(logits_xv, axis=-1)
+    target_logit_x = jnp.take_along_axis(logits_xv, targets_x[:, None], axis=-1)[:, 0]
+    return jnp.mean(lse_x - target_logit_x)
 
 
-def chunked_loss(hidden_nd, kernel_dv, targets_n, *, chunk_size):
-    return lm_loss.cross_entropy(hidden_nd, kernel_dv, targets_n, chunk_size=chunk_size)[0]
+def chunked_loss(hidden_xd, kernel_dv, targets_x, *, chunk_size):
+    return lm_loss.cross_entropy(hidden_xd, kernel_dv, targets_x, chunk_size=chunk_size)[0]
 
 
 def _compile(loss_fn, case: Case):
@@ -76,11 +76,11 @@ def _compile(loss_fn, case: Case):
 def _inputs(case: Case):
     k_hidden, k_kernel, k_targets = jax.random.split(jax.random.key(0), 3)
     dtype = jnp.dtype(case.dtype)
-    hidden_nd = jax.random.normal(k_hidden, (case.tokens, case.d_model), jnp.float32).astype(dtype)
+    hidden_xd = jax.random.normal(k_hidden, (case.tokens, case.d_model), jnp.float32).astype(dtype)
     kernel_dv = (jax.random.normal(k_kernel, (case.d_model, case.vocab), jnp.float32)
                  / np.sqrt(case.d_model)).astype(dtype)
-    targets_n = jax.random.randint(k_targets, (case.tokens,), 0, case.vocab)
-    return hidden_nd, kernel_dv, targets_n
+    targets_x = jax.random.randint(k_targets, (case.tokens,), 0, case.vocab)
+    return hidden_xd, kernel_dv, targets_x
 
 
 def _time(compiled_by_name, args, repeats):
