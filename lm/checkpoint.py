@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from lm import config as lm_config
 from lm import paths
 from lm import sharding as sharding_lib
-from lm.errors import CheckpointError
+from lm.errors import CheckpointError, LmError
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -60,6 +60,8 @@ def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract_state,
     try:
         restored = checkpoints.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except LmError:  # The data state belongs to another stream (IteratorStateError): its message says why.
+        raise
     except ValueError as error:
         if "process_" not in str(error):
             raise

@@ -121,8 +121,9 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
         progress = resources.enter_context(tqdm.tqdm(
             total=config.total_steps, initial=int(state.step), disable=jax.process_index() != 0, dynamic_ncols=True,
             file=sys.stdout))
-        last = _loop(training, state, data, checkpoints, evaluator, writer, progress, workdir, profile_steps)
-    if "eval_unigram_entropy" in last:
+        last, finished = _loop(training, state, data, checkpoints, evaluator, writer, progress, workdir,
+                               profile_steps)
+    if finished and "eval_unigram_entropy" in last:
         loss, entropy = last["eval_loss"], last["eval_unigram_entropy"]
         _log(f"final eval loss {loss:.4f} nats/token vs unigram entropy of the validation tokens {entropy:.4f}: "
              f"{100 * (1 - loss / entropy):.1f}% below")
@@ -142,8 +143,10 @@ def _describe(training: train_step_lib.Training, abstract_state, print_sharding:
         _log(f"train state: {state_bytes:,} bytes per device (--print_sharding for the table)")
 
 
-def _loop(training, state, data, checkpoints, evaluator, writer, progress, workdir, profile_steps) -> dict[str, float]:
-    """Steps from `state.step + 1` to `config.total_steps` (module docstring); returns the last logged metrics."""
+def _loop(training, state, data, checkpoints, evaluator, writer, progress, workdir, profile_steps
+          ) -> tuple[dict[str, float], bool]:
+    """Steps from `state.step + 1` to `config.total_steps` (module docstring); returns the last logged metrics and
+    whether the run got to its end (False: stopped by SIGTERM)."""
     config, batch_sharding = training.config, training.shardings.batch
     step_fn = training.train_step()
     flops_per_token = flops.train_flops_per_token(config, config.data.seq_len)
@@ -187,10 +190,10 @@ def _loop(training, state, data, checkpoints, evaluator, writer, progress, workd
         if preempted:
             checkpoints.wait_until_finished()
             _log(f"SIGTERM: saved a checkpoint at step {step}, exiting")
-            return last
+            return last, False
     if previous is not None:
         _check_finite(*previous, config, checkpoints)
-    return last
+    return last, True
 
 
 def _check_finite(step: int, metrics: dict, config, checkpoints) -> None:
