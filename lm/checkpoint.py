@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import ml_collections
@@ -34,6 +35,7 @@ from lm import sharding as sharding_lib
 from lm.errors import CheckpointError, LmError
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"  # Where a trainer moves checkpoints it cannot read (nothing is deleted).
 
 
 def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -54,21 +56,70 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, co
         config=ocp.args.JsonSave(lm_config.to_dict(config))), force=True)
 
 
-def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract_state, data_iterator):
-    """Restores `state` of `step` into the shardings of `abstract_state` (ShapeDtypeStructs) and sets
-    `data_iterator` to the saved position of this process's data."""
-    try:
-        restored = checkpoints.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    except LmError:  # The data state belongs to another stream (IteratorStateError): its message says why.
-        raise
-    except ValueError as error:
-        if "process_" not in str(error):
+def restore_latest_state(checkpoints: ocp.CheckpointManager, abstract_state, data_iterator):
+    """The newest checkpoint that can be read, restored for resuming: `(step, state)`, or None without checkpoints.
+
+    `state` is restored into the shardings of `abstract_state` (ShapeDtypeStructs) and `data_iterator` is set to the
+    saved position of this process's data. A newer checkpoint that cannot be read (a file missing or truncated) is
+    reported and moved aside to `workdir/checkpoints_damaged/` once an older one has been restored, so the run can
+    save that step again; nothing is deleted. Raises CheckpointError (or the data's IteratorStateError) when the
+    config does not fit the checkpoints.
+    """
+    steps = checkpoints.all_steps()
+    if not steps:
+        return None
+
+    def restore_one(step):
+        try:
+            return checkpoints.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator))).state
+        except ValueError as error:
+            if "process_" not in str(error) or isinstance(error, LmError):
+                raise
+            raise CheckpointError(
+                f"checkpoint {step} holds no data state for process {jax.process_index()} of "
+                f"{jax.process_count()}: it was saved by another number of processes; resume with the process count "
+                f"it was saved with") from None
+
+    step, state, damaged = _newest_restorable(checkpoints, steps, restore_one)
+    if damaged and jax.process_index() == 0:
+        for damaged_step in damaged:
+            _move_aside(checkpoints, damaged_step)
+        checkpoints.reload()
+    return step, state
+
+
+def _newest_restorable(checkpoints: ocp.CheckpointManager, steps, restore_one):
+    """`(step, restored, damaged steps)`: `restore_one(step)` of the newest of `steps` it succeeds on. An lm error
+    (the config does not fit) is raised at once; any other failure means the checkpoint cannot be read."""
+    damaged, reasons = [], []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, restore_one(step), damaged
+        except LmError:
             raise
-        raise CheckpointError(
-            f"checkpoint {step} holds no data state for process {jax.process_index()} of {jax.process_count()}: "
-            f"it was saved by another number of processes; resume with the process count it was saved with") from None
-    return restored.state
+        except Exception as error:  # orbax / tensorstore / JSON errors of missing or truncated files.
+            reason = " ".join(str(error).split())[:160] or type(error).__name__
+            logging.warning("checkpoint %d in %s cannot be read (%s); trying an older one", step,
+                            checkpoints.directory, reason)
+            damaged.append(step)
+            reasons.append(f"step {step}: {reason}")
+    raise CheckpointError(f"no checkpoint in {checkpoints.directory} can be read with this config ({'; '.join(reasons)})")
+
+
+def _move_aside(checkpoints: ocp.CheckpointManager, step: int) -> None:
+    """Moves step `step`'s directory to `workdir/checkpoints_damaged/<step>` (`<step>.1`, ... if taken)."""
+    source = checkpoints.directory / str(step)
+    target_dir = checkpoints.directory.parent / DAMAGED_DIR
+    target_dir.mkdir(exist_ok=True)
+    target = target_dir / str(step)
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = target_dir / f"{step}.{suffix}"
+    source.rename(target)
+    logging.warning("moved the unreadable checkpoint %d to %s", step, target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,17 +152,18 @@ def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | Non
       optimizer: the run's optimizer (`lm.optim.make_optimizer(config)`) to also read its state, placed by the ZeRO
         stage; None reads only the parameters.
 
+    Without `step`, a latest checkpoint that cannot be read (a file missing or truncated) is reported and the newest
+    readable one is used.
+
     Raises:
-      CheckpointError: the workdir or checkpoints are missing, `step` is not kept, or `config`'s parameters do not
-        match the checkpoint's; the message says which.
+      CheckpointError: the workdir or checkpoints are missing, `step` is not kept or cannot be read, or `config`'s
+        parameters do not match the checkpoint's; the message says which.
     """
     checkpoints = _reader(workdir)
     try:
         config = lm_config.read_config(workdir) if config is None else config
         steps = checkpoints.all_steps()
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise CheckpointError(f"step {step} is not among the checkpoints kept in {workdir}: {sorted(steps)}")
         mesh = sharding_lib.default_mesh(config) if mesh is None else mesh
         shardings = sharding_lib.model_shardings(config, mesh, optimizer)
@@ -119,13 +171,19 @@ def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | Non
         if optimizer is not None:
             target["opt_state"] = sharding_lib.abstract_arrays(
                 jax.eval_shape(optimizer.init, target["params"]), shardings.opt_state)
-        _check_shapes(checkpoints.item_metadata(step).state, {"params": target["params"]}, workdir, step)
-        restored = checkpoints.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+
+        def restore_one(step):
+            metadata = checkpoints.item_metadata(step).state
+            if metadata is None:  # Unreadable metadata: a damaged checkpoint, not a config that does not fit.
+                raise FileNotFoundError(f"checkpoint {step} has no readable state metadata")
+            _check_shapes(metadata, {"params": target["params"]}, workdir, step)
+            return checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))).state
+
+        step, state, _ = _newest_restorable(checkpoints, steps if step is None else [step], restore_one)
     finally:
         checkpoints.close()
-    state = restored.state
     return Restored(config, state["params"], step, shardings, state.get("opt_state"))
 
 
@@ -133,8 +191,10 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
     """A manager over `workdir/checkpoints` for reading (it never saves).
 
     Raises CheckpointError unless the directory holds a complete checkpoint."""
-    if not paths.resolve(workdir).is_dir():
+    if not paths.resolve(workdir).exists():
         raise CheckpointError(f"workdir {workdir!r} does not exist")
+    if not paths.resolve(workdir).is_dir():
+        raise CheckpointError(f"workdir {workdir!r} is a file, not a directory")
     directory = paths.resolve(workdir, CHECKPOINT_DIR)
     if not directory.is_dir():
         raise CheckpointError(f"{workdir} has no checkpoints ({directory} does not exist)")

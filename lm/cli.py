@@ -2,8 +2,14 @@
 
 It does what each program would otherwise repeat: logging at WARNING (orbax and grain log every save and read at
 INFO), TensorFlow's C++ start-up chatter off (only the data code imports TensorFlow), `lm.distributed.initialize()`
-before anything touches a device, and any `lm.errors.LmError` printed as one line, `error: <message>`, on stderr with
-exit code 1 and no traceback. Other exceptions are bugs and keep their traceback.
+before anything touches a device, and every foreseeable error printed as one line on stderr, `error: <message>`,
+with exit code 1 and no traceback:
+- any `lm.errors.LmError` (bad config fields, files, data, tokenizers, checkpoints, flags);
+- an error while parsing the command line, which also runs the `--config=path.py` file and applies its
+  `--config.a.b=value` overrides (a missing or broken config file, an unknown field).
+Ctrl-C outside a training loop (which saves first; a second Ctrl-C there stops it at once) prints `interrupted` and
+exits 130. Other exceptions are bugs and
+keep their traceback. `--verbose` (or `LM_VERBOSE=1`) shows the traceback of the one-line errors too, for bug reports.
 """
 
 from __future__ import annotations
@@ -12,10 +18,55 @@ import os
 import sys
 from typing import Callable
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from lm import distributed
 from lm import errors
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of lm's one-line errors (or set LM_VERBOSE=1).")
+
+
+def _verbose(argv: list[str]) -> bool:
+    return bool(os.environ.get("LM_VERBOSE")) or "--verbose" in argv
+
+
+def _fail(message: str, code: int = 1) -> None:
+    """Prints `error: message` and ends the process now. `os._exit`, not `sys.exit`: the error has already unwound
+    the program (its `with` blocks closed files and waited for saves), and background threads of a failed orbax or
+    tensorstore read would otherwise print their own tracebacks while the interpreter shuts down."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with its errors and those of the config file it runs as one line each."""
+    try:
+        remaining = flags.FLAGS(argv)
+        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        if config is not None:
+            config.keys()  # config_flags defers a config file's load failure to the first use: make it now.
+        return remaining
+    except flags.Error as error:
+        _fail(f"{_one_line(error)} (--help lists the flags)")
+    except Exception as error:  # Raised by a --config file or its overrides: the user's input, not lm's bug.
+        if _verbose(argv):
+            raise
+        config = next((a for a in argv if a.startswith("--config=")), "--config")
+        if isinstance(error, SyntaxError):
+            _fail(f"{config}: {error.filename}:{error.lineno}: {error.msg}")
+        if isinstance(error, (KeyError, AttributeError)) and "Did you mean" in str(error):
+            _fail(f"{config}: an override names no config field: {_one_line(error)}")
+        _fail(f"{config}: {type(error).__name__}: {_one_line(error)}")
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a KeyError's str() is the repr of its message; ConfigDict wraps a KeyError
+    in an AttributeError)."""
+    if error.args and (isinstance(error, KeyError) or isinstance(error.args[0], BaseException)):
+        message = error.args[0]
+        return _one_line(message) if isinstance(message, BaseException) else " ".join(str(message).split())
+    return " ".join(str(error).split())
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -28,7 +79,10 @@ def run(main: Callable[[list[str]], None]) -> None:
             distributed.initialize()
             main(argv)
         except errors.LmError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(1)
+            if _VERBOSE.value or _verbose(argv):
+                raise
+            _fail(str(error))
+        except KeyboardInterrupt:
+            _fail("interrupted", code=130)
 
-    app.run(shell)
+    app.run(shell, flags_parser=_parse_flags)

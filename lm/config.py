@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from typing import Any
 
@@ -42,8 +43,27 @@ CHOICES = {
 # Integer fields that must be > 0.
 POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-    "model.mlp_dim", "model.max_seq_len", "loss.chunk_size", "data.seq_len", "data.batch_size", "total_steps",
+    "model.mlp_dim", "model.max_seq_len", "loss.chunk_size", "data.seq_len", "data.batch_size", "data.shuffle_buffer",
+    "optim.microbatches", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "max_consecutive_skips",
 )
+# Integer fields that must be >= 0.
+NON_NEGATIVE = ("optim.warmup_steps", "seed")
+# Float fields: each must be a finite number in the range the text names (what the predicate accepts).
+RANGES = {
+    "model.rope_theta": ("> 0", lambda v: v > 0),
+    "model.norm_eps": ("> 0", lambda v: v > 0),
+    "model.init_std": ("> 0", lambda v: v > 0),
+    "loss.z_loss": (">= 0", lambda v: v >= 0),
+    "loss.label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.learning_rate": ("> 0", lambda v: v > 0),
+    "optim.end_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "optim.b1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.b2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.eps": ("> 0", lambda v: v > 0),
+    "optim.weight_decay": (">= 0", lambda v: v >= 0),
+    "optim.grad_clip_norm": (">= 0 (0 disables clipping)", lambda v: v >= 0),
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -192,10 +212,20 @@ def head_dim(model_config: ml_collections.ConfigDict) -> int:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a whole config; raises ConfigError naming the first bad field. Returns the config for chaining."""
+    is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
     for field in POSITIVE:
         value = _get(config, field)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
+    for field in NON_NEGATIVE:
+        value = _get(config, field)
+        if not is_int(value) or value < 0:
+            raise ConfigError(f"config.{field} must be an integer >= 0, got {value!r}")
+    for field, (expected, accepts) in RANGES.items():
+        value = _get(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not accepts(value):
+            raise ConfigError(f"config.{field} must be a finite number {expected}, got {value!r}")
     for field, allowed in CHOICES.items():
         value = _get(config, field)
         if value not in allowed:
@@ -213,10 +243,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(
                 f"config.model.position_embedding='rope' needs an even head dimension, but d_model/num_heads="
                 f"{m.d_model}/{m.num_heads}={head_dim(m)} is odd")
-        if not m.rope_theta > 0:
-            raise ConfigError(f"config.model.rope_theta must be positive, got {m.rope_theta!r}")
-    if not m.init_std > 0:
-        raise ConfigError(f"config.model.init_std must be positive, got {m.init_std!r}")
     if m.logit_softcap is not None and not m.logit_softcap > 0:
         raise ConfigError(f"config.model.logit_softcap must be None or positive, got {m.logit_softcap!r}")
     if config.data.seq_len > m.max_seq_len:
@@ -248,10 +274,19 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in `workdir` was started with: `base_config()` updated with `workdir/config.json`."""
     path = paths.resolve(workdir, CONFIG_FILE)
+    if paths.resolve(workdir).is_file():
+        raise CheckpointError(f"workdir {workdir!r} is a file, not a directory")
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: {workdir!r} is not an lm workdir")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); restore it from a checkpoint's `config` item "
+                              f"(checkpoints/<step>/config/metadata)") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} holds a {type(saved).__name__}, not an lm config")
     config = base_config()
-    _update(config, json.loads(path.read_text()))
+    _update(config, saved)
     return config
 
 

@@ -115,9 +115,10 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
     model = model_lib.build(config)
     longest = max(len(p) for p in prompts)
     prompt_length = -(-longest // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
-    if config.model.position_embedding == "learned" and longest + max_new_tokens > config.model.max_seq_len:
-        raise ArgumentError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"config.model.max_seq_len={config.model.max_seq_len} of the learned position table")
+    if longest + max_new_tokens > config.model.max_seq_len:
+        # Positions past max_seq_len were never trained (and a learned table has none); the cache would grow too.
+        raise ArgumentError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                            f"config.model.max_seq_len={config.model.max_seq_len}")
     shardings = sharding_lib.model_shardings(config, mesh or sharding_lib.mesh_of(params, config), model=model)
     rows = len(prompts)
     # Rows are padded to a multiple of the pieces the batch sharding cuts them into (the padding rows are dropped).

@@ -14,13 +14,14 @@ import time
 import jax
 
 from lm import paths
+from lm.errors import CheckpointError
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
     """Appends metrics of a run. On resume, lines of steps after the restored step are dropped first, since those
-    steps are trained again (the file then reads as one uninterrupted run)."""
+    steps are trained again (the file then reads as one uninterrupted run), and so is a last line a crash cut short."""
 
     def __init__(self, workdir: str, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
@@ -31,8 +32,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self.path.exists():
-            self._lines = [line + "\n" for line in self.path.read_text().splitlines()
-                           if line.strip() and json.loads(line)["step"] <= resume_step]
+            self._lines = [line + "\n" for line, record in _records(self.path.read_text())
+                           if record["step"] <= resume_step]
             paths.write_atomic(self.path, "".join(self._lines))
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -61,6 +62,19 @@ class MetricsWriter:
 
 
 def read(workdir: str) -> list[dict[str, float]]:
-    """All records of `workdir/metrics.jsonl`."""
-    text = paths.resolve(workdir, METRICS_FILE).read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """All records of `workdir/metrics.jsonl` (a torn last line, from a crash mid-write, is left out)."""
+    return [record for _, record in _records(paths.resolve(workdir, METRICS_FILE).read_text())]
+
+
+def _records(text: str) -> list[tuple[str, dict]]:
+    """(line, record) for each line of a metrics file. Only the last line may be torn (appends are sequential); a
+    line that does not parse anywhere else means the file is not lm's, and raises."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise CheckpointError(f"{METRICS_FILE} line {i + 1} is not a JSON record: {line[:80]!r}") from None
+    return records

@@ -93,6 +93,8 @@ def mesh_sizes(mesh_config: ml_collections.ConfigDict, devices: int | None = Non
     which needs no -1)."""
     sizes = {axis: mesh_config.get(axis, 1) for axis in sharding_lib.MESH_AXES}
     sizes.update({f"dcn_{axis}": mesh_config.get(f"dcn_{axis}", 1) for axis in sharding_lib.MESH_AXES})
+    if devices is not None and devices < 1:
+        raise PreflightError(f"--devices={devices} must be a positive number of devices")
     if devices is None:
         filled = [f"{axis}=-1" for axis, size in sizes.items() if size == -1]
         if filled:

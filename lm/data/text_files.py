@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import sysconfig
+import zlib
 from collections.abc import Iterator
 
 import ml_collections
@@ -129,6 +130,8 @@ def read_documents(spec: TextFilesSpec) -> Iterator[tuple[str, str]]:
                     yield f"{rel}:{line_no}", text
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (EOFError, OSError, zlib.error) as e:  # A truncated or corrupt .gz, an unreadable file.
+            raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
 def document_keys(spec: TextFilesSpec) -> Iterator[str]:

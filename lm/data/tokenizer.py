@@ -23,11 +23,18 @@ from lm.errors import CheckpointError, ConfigError
 WORKDIR_FILENAME = "tokenizer.model"
 
 
-def load(path: str, *, field: str = "config.data.tokenizer.path") -> spm.SentencePieceProcessor:
-    """Loads a SentencePiece `.model` file (local or in a bucket); `field` names where the path came from."""
+def load(path: str, what: str = "config.data.tokenizer.path") -> spm.SentencePieceProcessor:
+    """Loads a SentencePiece `.model` file (local or in a bucket); `what` names where the path came from."""
     if not epath.Path(path).is_file():
-        raise ConfigError(f"{field}={path!r}: no such SentencePiece model file")
-    return spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
+        raise ConfigError(f"{what}={path!r}: no such SentencePiece model file")
+    return _parse(epath.Path(path).read_bytes(), f"{what}={path!r}", ConfigError)
+
+
+def _parse(model_proto: bytes, what: str, error: type[Exception]) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError:  # sentencepiece's parse failure
+        raise error(f"{what} is not a SentencePiece model ({len(model_proto)} bytes that do not parse)") from None
 
 
 def workdir_path(workdir: str) -> epath.Path:
@@ -39,7 +46,7 @@ def from_workdir(workdir: str) -> spm.SentencePieceProcessor:
     path = workdir_path(workdir)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: the run's tokenizer is missing (lm.train copies it there)")
-    return spm.SentencePieceProcessor(model_proto=path.read_bytes())
+    return _parse(path.read_bytes(), str(path), CheckpointError)
 
 
 def save_to_workdir(tokenizer: spm.SentencePieceProcessor, workdir: str) -> None:

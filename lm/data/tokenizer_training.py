@@ -132,7 +132,8 @@ def get_or_train(config: ml_collections.ConfigDict, train_split: sources.Resolve
             tokenizer = tokenizer_lib.load(config.data.tokenizer.path)
         else:
             path = cached_path(config, train_split)
-            tokenizer = tokenizer_lib.load(path) if os.path.isfile(path) else train(config, train_split, path)
+            tokenizer = (tokenizer_lib.load(path, what="the cached tokenizer") if os.path.isfile(path)
+                         else train(config, train_split, path))
         if workdir:
             tokenizer_lib.save_to_workdir(tokenizer, workdir)
     tokenizer_lib.check_vocab_size(tokenizer, config)
