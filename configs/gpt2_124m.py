@@ -22,7 +22,7 @@ def get_config():
     m.norm_eps = 1e-5
     m.norm_position = "pre"
     m.mlp_activation = "gelu"
-    m.use_bias = True
+    m.qkv_bias = m.attention_out_bias = m.mlp_bias = True
     m.tie_embeddings = True
     m.remat_policy = "dots_no_batch"
     c.data.seq_len = 1024

@@ -56,6 +56,19 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, co
         config=ocp.args.JsonSave(lm_config.to_dict(config))), force=True)
 
 
+def save_weights(workdir: str, step: int, params, config) -> None:
+    """Writes a weights-only checkpoint of `step` and waits for it (an imported model, `lm.hf`): `state` holds
+    `{"params": params}` and there is no data position, so `restore` reads it but a trainer cannot resume it."""
+    checkpoints = manager(workdir, async_save=False)
+    try:
+        checkpoints.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params}),
+            config=ocp.args.JsonSave(lm_config.to_dict(config))), force=True)
+        checkpoints.wait_until_finished()
+    finally:
+        checkpoints.close()
+
+
 def restore_latest_state(checkpoints: ocp.CheckpointManager, abstract_state, data_iterator):
     """The newest checkpoint that can be read, restored for resuming: `(step, state)`, or None without checkpoints.
 

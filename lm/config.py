@@ -30,11 +30,12 @@ CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp_activation": ("swiglu", "gelu"),
+    "model.rope_scaling.type": ("none", "linear", "llama3"),
     "model.attention": ("auto", "xla", "cudnn"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.init": ("truncated_normal", "xavier", "he"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
     "data.source": ("default", "tfds", "files", "synthetic"),
     "optim.optimizer": ("adamw", "lion", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -52,6 +53,9 @@ NON_NEGATIVE = ("optim.warmup_steps", "seed")
 # Float fields: each must be a finite number in the range the text names (what the predicate accepts).
 RANGES = {
     "model.rope_theta": ("> 0", lambda v: v > 0),
+    "model.rope_scaling.factor": (">= 1", lambda v: v >= 1),
+    "model.rope_scaling.low_freq_factor": ("> 0", lambda v: v > 0),
+    "model.rope_scaling.high_freq_factor": ("> 0", lambda v: v > 0),
     "model.norm_eps": ("> 0", lambda v: v > 0),
     "model.init_std": ("> 0", lambda v: v > 0),
     "loss.z_loss": (">= 0", lambda v: v >= 0),
@@ -80,11 +84,25 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_seq_len = 256  # Longest sequence the model supports (learned position table size, decoding cache).
     m.position_embedding = "rope"
     m.rope_theta = 10_000.0
+    # RoPE frequency scaling for contexts beyond the pre-training length (Hugging Face's `rope_scaling`): none;
+    # linear (positions divided by `factor`); llama3 (Llama 3.1's by-wavelength interpolation between
+    # `low_freq_factor` and `high_freq_factor`, relative to `original_max_seq_len`).
+    m.rope_scaling = r = ml_collections.ConfigDict()
+    r.type = "none"
+    r.factor = 1.0
+    r.low_freq_factor = 1.0
+    r.high_freq_factor = 4.0
+    r.original_max_seq_len = 8192
     m.norm = "rmsnorm"
     m.norm_eps = 1e-5
     m.norm_position = "pre"
     m.mlp_activation = "swiglu"
-    m.use_bias = False  # Biases in attention/MLP projections (GPT-2 has them, Llama does not).
+    m.head_dim = config_dict.placeholder(int)  # Width of each head; None: d_model // num_heads.
+    # Biases, per group of projections: query/key/value (Qwen2, GPT-2), the attention output (GPT-2), and the MLP
+    # (GPT-2). Llama's `attention_bias` is qkv_bias and attention_out_bias, its `mlp_bias` is mlp_bias.
+    m.qkv_bias = False
+    m.attention_out_bias = False
+    m.mlp_bias = False
     m.tie_embeddings = False  # Output head reuses the token embedding (transposed).
     m.dtype = "bfloat16"  # Compute dtype of activations and matmuls.
     m.param_dtype = "float32"  # Storage dtype of parameters (master weights).
@@ -206,7 +224,9 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
 
 
 def head_dim(model_config: ml_collections.ConfigDict) -> int:
-    """Per-head width: d_model / num_heads."""
+    """Per-head width: `model.head_dim`, or d_model / num_heads when that is None."""
+    if model_config.head_dim is not None:
+        return model_config.head_dim
     return model_config.d_model // model_config.num_heads
 
 
@@ -232,17 +252,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"config.{field}={value!r} is not one of {', '.join(allowed)}")
 
     m = config.model
-    if m.d_model % m.num_heads:
+    if m.head_dim is None and m.d_model % m.num_heads:
         raise ConfigError(
-            f"config.model.d_model={m.d_model} must be divisible by config.model.num_heads={m.num_heads}")
+            f"config.model.d_model={m.d_model} must be divisible by config.model.num_heads={m.num_heads} (or set "
+            f"config.model.head_dim)")
+    if m.head_dim is not None and (not is_int(m.head_dim) or m.head_dim <= 0):
+        raise ConfigError(f"config.model.head_dim must be None or a positive integer, got {m.head_dim!r}")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"config.model.num_heads={m.num_heads} must be divisible by config.model.num_kv_heads={m.num_kv_heads}")
     if m.position_embedding == "rope":
         if head_dim(m) % 2:
             raise ConfigError(
-                f"config.model.position_embedding='rope' needs an even head dimension, but d_model/num_heads="
-                f"{m.d_model}/{m.num_heads}={head_dim(m)} is odd")
+                f"config.model.position_embedding='rope' needs an even head dimension, but the head dimension is "
+                f"{head_dim(m)}")
+    scaling = m.rope_scaling
+    if scaling.type == "llama3" and not scaling.high_freq_factor > scaling.low_freq_factor:
+        raise ConfigError(
+            f"config.model.rope_scaling.high_freq_factor={scaling.high_freq_factor} must be above "
+            f"low_freq_factor={scaling.low_freq_factor}")
+    if scaling.type != "none" and (not is_int(scaling.original_max_seq_len) or scaling.original_max_seq_len <= 0):
+        raise ConfigError(f"config.model.rope_scaling.original_max_seq_len must be a positive integer, got "
+                          f"{scaling.original_max_seq_len!r}")
     if m.logit_softcap is not None and not m.logit_softcap > 0:
         raise ConfigError(f"config.model.logit_softcap must be None or positive, got {m.logit_softcap!r}")
     if config.data.seq_len > m.max_seq_len:

@@ -1,6 +1,6 @@
 """Parameter and FLOP counting from a config alone (no initialisation), for reports and MFU.
 
-Notation: V vocab_size, d d_model, L num_layers, n num_heads, g num_kv_heads, h = d / n head dim, f mlp_dim,
+Notation: V vocab_size, d d_model, L num_layers, n num_heads, g num_kv_heads, h head dim (`model.head_dim`, default d / n), f mlp_dim,
 T sequence length.
 
 Training FLOPs per token (forward + backward = 3 x forward, each multiply-add = 2 FLOPs):
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from lm.config import head_dim
+
 
 def _model(config: ml_collections.ConfigDict):
     return config.model if "model" in config else config
@@ -35,13 +37,15 @@ def _norm_params(m) -> int:
 def layer_param_count(config: ml_collections.ConfigDict) -> int:
     """Parameters of one Transformer block."""
     m = _model(config)
-    d, n, g, f = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim
-    h = d // n
+    d, n, g, f, h = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, head_dim(m)
     attention = d * n * h + 2 * d * g * h + n * h * d
     mlp_matrices = 3 if m.mlp_activation == "swiglu" else 2
     mlp = mlp_matrices * d * f
-    if m.use_bias:
-        attention += n * h + 2 * g * h + d
+    if m.qkv_bias:
+        attention += n * h + 2 * g * h
+    if m.attention_out_bias:
+        attention += d
+    if m.mlp_bias:
         mlp += (mlp_matrices - 1) * f + d
     return attention + mlp + 2 * _norm_params(m)
 
@@ -62,8 +66,7 @@ def param_count(config: ml_collections.ConfigDict) -> int:
 def matmul_param_count(config: ml_collections.ConfigDict) -> int:
     """N_matmul of the module docstring: weights of the matmuls one token goes through, LM head included."""
     m = _model(config)
-    d, n, g, f = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim
-    h = d // n
+    d, n, g, f, h = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, head_dim(m)
     per_layer = d * n * h + 2 * d * g * h + n * h * d + (3 if m.mlp_activation == "swiglu" else 2) * d * f
     return m.num_layers * per_layer + d * m.vocab_size
 
@@ -72,7 +75,7 @@ def attention_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, c
     """Training FLOPs per token of the attention scores and weighted values (module docstring)."""
     m = _model(config)
     visible_keys = (seq_len + 1) / 2 if causal else seq_len
-    return 3 * 4 * m.num_layers * m.d_model * visible_keys
+    return 3 * 4 * m.num_layers * m.num_heads * head_dim(m) * visible_keys
 
 
 def train_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:

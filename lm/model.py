@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import attention as attention_lib
+from lm.config import head_dim
 
 Initializer = Any
 
@@ -81,6 +82,7 @@ class Projection(nn.Module):
     fan_in_axes: tuple[int, ...]
     fan_out_axes: tuple[int, ...]
     output_projection: bool = False
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -90,7 +92,7 @@ class Projection(nn.Module):
             "kernel", nn.with_logical_partitioning(init, self.kernel_axes), self.kernel_shape,
             jnp.dtype(cfg.param_dtype))
         y = jnp.einsum(self.equation, x, kernel.astype(cfg.dtype))
-        if cfg.use_bias:
+        if self.use_bias:
             out_axes = self.kernel_axes[len(self.fan_in_axes):]
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
@@ -121,14 +123,35 @@ class Norm(nn.Module):
         return y.astype(cfg.dtype)
 
 
-def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg) -> jax.Array:
+    """fp32 `[head_dim / 2]` angular frequency of each rotated pair: `rope_theta^(-2i/h)`, rescaled as
+    `cfg.rope_scaling` says (the same numbers as Hugging Face's rotary embeddings of that type)."""
+    h = head_dim(cfg)
+    inv_freq_k = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    scaling = cfg.rope_scaling
+    if scaling.type == "linear":
+        return inv_freq_k / scaling.factor
+    if scaling.type == "llama3":
+        # Long wavelengths (beyond the original context / low_freq_factor) are slowed by `factor`, short ones (below
+        # original / high_freq_factor) kept, and those between interpolated smoothly in 1 / wavelength.
+        wavelength_k = 2 * math.pi / inv_freq_k
+        original = scaling.original_max_seq_len
+        smooth_k = (original / wavelength_k - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        interpolated_k = (1 - smooth_k) * inv_freq_k / scaling.factor + smooth_k * inv_freq_k
+        long_k = wavelength_k > original / scaling.low_freq_factor
+        medium_k = ~long_k & (wavelength_k >= original / scaling.high_freq_factor)
+        scaled_k = jnp.where(long_k, inv_freq_k / scaling.factor, inv_freq_k)
+        return jnp.where(medium_k, interpolated_k, scaled_k)
+    return inv_freq_k
+
+
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq_k: jax.Array) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), rotate-half layout: pairs are (i, i + h/2).
 
-    Rotates each pair by angle `position * theta^(-2i/h)`, so q.k depends only on the difference of positions.
-    Angles are computed in fp32; the result keeps the dtype of `x_btnh`.
+    Rotates pair i by angle `position * inv_freq_k[i]` (`rope_frequencies`), so q.k depends only on the difference
+    of positions. Angles are computed in fp32; the result keeps the dtype of `x_btnh`.
     """
-    h = x_btnh.shape[-1]
-    inv_freq_k = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
     angles_btk = positions_bt.astype(jnp.float32)[..., None] * inv_freq_k
     sin_bt1k = jnp.sin(angles_btk)[:, :, None, :]
     cos_bt1k = jnp.cos(angles_btk)[:, :, None, :]
@@ -168,7 +191,7 @@ class KVCache:
     @classmethod
     def zeros(cls, cfg, start_b: jax.Array, max_len: int) -> "KVCache":
         """An empty cache for `len(start_b)` rows of up to `max_len` slots. `cfg`: `model_config(config)`."""
-        shape = (cfg.num_layers, start_b.shape[0], max_len, cfg.num_kv_heads, cfg.d_model // cfg.num_heads)
+        shape = (cfg.num_layers, start_b.shape[0], max_len, cfg.num_kv_heads, head_dim(cfg))
         empty_lbsgh = nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), cls.AXES)
         return cls(empty_lbsgh, empty_lbsgh, jnp.zeros((), jnp.int32), start_b.astype(jnp.int32))
 
@@ -191,15 +214,15 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None):
         cfg = self.cfg
-        d, n, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
-        h = d // n
-        project = functools.partial(Projection, cfg, fan_in_axes=(0,), fan_out_axes=(1, 2))
+        d, n, g, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
+        project = functools.partial(Projection, cfg, fan_in_axes=(0,), fan_out_axes=(1, 2), use_bias=cfg.qkv_bias)
         q_btnh = project("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), name="query")(x_btd)
         k_btgh = project("btd,dgh->btgh", (d, g, h), ("embed", "kv_heads", "head_dim"), name="key")(x_btd)
         v_btgh = project("btd,dgh->btgh", (d, g, h), ("embed", "kv_heads", "head_dim"), name="value")(x_btd)
         if cfg.position_embedding == "rope":
-            q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
-            k_btgh = rope(k_btgh, positions_bt, cfg.rope_theta)
+            inv_freq_k = rope_frequencies(cfg)
+            q_btnh = rope(q_btnh, positions_bt, inv_freq_k)
+            k_btgh = rope(k_btgh, positions_bt, inv_freq_k)
         q_btnh = nn.with_logical_constraint(q_btnh, ("batch", "length", "heads", "head_dim"))
         k_btgh = nn.with_logical_constraint(k_btgh, ("batch", "length", "kv_heads", "head_dim"))
         v_btgh = nn.with_logical_constraint(v_btgh, ("batch", "length", "kv_heads", "head_dim"))
@@ -219,7 +242,7 @@ class Attention(nn.Module):
         out_btnh = nn.with_logical_constraint(out_btnh, ("batch", "length", "heads", "head_dim"))
         out_btd = Projection(
             cfg, "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), fan_in_axes=(0, 1), fan_out_axes=(2,),
-            output_projection=True, name="out")(out_btnh)
+            output_projection=True, use_bias=cfg.attention_out_bias, name="out")(out_btnh)
         return out_btd, new_cache
 
 
@@ -232,14 +255,16 @@ class Mlp(nn.Module):
     def __call__(self, x_btd):
         cfg = self.cfg
         d, f = cfg.d_model, cfg.mlp_dim
-        up = functools.partial(Projection, cfg, "btd,df->btf", (d, f), ("embed", "mlp"), (0,), (1,))
+        up = functools.partial(
+            Projection, cfg, "btd,df->btf", (d, f), ("embed", "mlp"), (0,), (1,), use_bias=cfg.mlp_bias)
         if cfg.mlp_activation == "swiglu":
             h_btf = nn.silu(up(name="gate")(x_btd)) * up(name="up")(x_btd)
         else:
             h_btf = nn.gelu(up(name="up")(x_btd), approximate=True)
         h_btf = nn.with_logical_constraint(h_btf, ("batch", "length", "mlp"))
         return Projection(
-            cfg, "btf,fd->btd", (f, d), ("mlp", "embed"), (0,), (1,), output_projection=True, name="down")(h_btf)
+            cfg, "btf,fd->btd", (f, d), ("mlp", "embed"), (0,), (1,), output_projection=True, use_bias=cfg.mlp_bias,
+            name="down")(h_btf)
 
 
 class Block(nn.Module):

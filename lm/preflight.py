@@ -136,7 +136,7 @@ def activation_bytes(config: ml_collections.ConfigDict, sizes: dict[str, int], a
     tensor = sizes["tensor"]
     split = lambda width: width // tensor if width % tensor == 0 else width  # This device's share of a split width.
     s = jnp.dtype(m.dtype).itemsize
-    d, h, length = m.d_model, m.d_model // m.num_heads, config.data.seq_len
+    d, h, length = m.d_model, lm_config.head_dim(m), config.data.seq_len
     heads = split(m.num_heads)
     q, kv = heads * h, 2 * split(m.num_kv_heads) * h
     mlp = (2 if m.mlp_activation == "swiglu" else 1) * split(m.mlp_dim)

@@ -14,8 +14,9 @@ from lm import model as model_lib
 VARIANTS = [
     {},
     {"model.position_embedding": "learned", "model.norm": "layernorm", "model.mlp_activation": "gelu",
-     "model.use_bias": True, "model.tie_embeddings": True},
+     "model.qkv_bias": True, "model.attention_out_bias": True, "model.mlp_bias": True, "model.tie_embeddings": True},
     {"model.norm_position": "post", "model.num_kv_heads": 1},
+    {"model.head_dim": 24, "model.qkv_bias": True, "model.mlp_bias": True},  # Heads not d_model / num_heads wide.
 ]
 
 

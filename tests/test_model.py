@@ -48,7 +48,9 @@ def test_output_shape_and_dtypes_bf16_compute_fp32_params():
 
 VARIANTS = [
     dict(),
-    dict(position_embedding="learned", norm="layernorm", mlp_activation="gelu", use_bias=True, tie_embeddings=True),
+    dict(position_embedding="learned", norm="layernorm", mlp_activation="gelu", qkv_bias=True,
+         attention_out_bias=True, mlp_bias=True, tie_embeddings=True),
+    dict(head_dim=16, qkv_bias=True, rope_scaling=dict(type="llama3", factor=8.0, original_max_seq_len=8)),
     dict(position_embedding="sinusoidal", norm_position="post"),
     dict(position_embedding="none", num_kv_heads=1, init="xavier"),
     dict(num_kv_heads=4, init="he", scan_layers=False),
@@ -66,12 +68,15 @@ def test_causality_later_tokens_do_not_change_earlier_outputs(overrides):
     assert not np.allclose(out_btd[:, 9:], changed_btd[:, 9:], atol=1e-3)
 
 
-def test_rope_scores_depend_only_on_relative_position():
+@pytest.mark.parametrize("scaling", ["none", "linear", "llama3"])
+def test_rope_scores_depend_only_on_relative_position(scaling):
     q_h, k_h = jax.random.normal(jax.random.key(0), (2, 64))
+    cfg = small_config(head_dim=64, rope_scaling=dict(type=scaling, factor=4.0, original_max_seq_len=64)).model
+    inv_freq_k = model_lib.rope_frequencies(cfg)
 
     def score(query_position, key_position):
-        q = model_lib.rope(q_h[None, None, None], jnp.array([[query_position]]), theta=10_000.0)
-        k = model_lib.rope(k_h[None, None, None], jnp.array([[key_position]]), theta=10_000.0)
+        q = model_lib.rope(q_h[None, None, None], jnp.array([[query_position]]), inv_freq_k)
+        k = model_lib.rope(k_h[None, None, None], jnp.array([[key_position]]), inv_freq_k)
         return float(jnp.sum(q * k))
 
     for offset in (0, 3, 17):

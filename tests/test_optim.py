@@ -27,7 +27,7 @@ LAYER_KERNELS = {
 UNTIED = {"model.tie_embeddings": False}
 TIED = {"model.tie_embeddings": True}
 GPT2_LIKE = {"model.tie_embeddings": False, "model.position_embedding": "learned", "model.norm": "layernorm",
-             "model.use_bias": True}
+             "model.qkv_bias": True, "model.attention_out_bias": True, "model.mlp_bias": True}
 
 
 def tiny(**overrides):

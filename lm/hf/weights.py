@@ -1,0 +1,283 @@
+"""Safetensors weights in and out of lm's sharded parameters, a slice at a time.
+
+Import (`load_params`): every parameter is built with `jax.make_array_from_callback`, so each process reads, for
+each of its devices, only the slice of the Hugging Face tensor that device holds (safetensors `get_slice`, opened
+per read so no file stays mapped). A parameter stacked over layers (`scan_layers`) is filled one layer at a time
+into its donated buffer, so the host never holds more than about one tensor beyond the model itself.
+
+Export (`save_params`): process 0 writes `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards with
+`model.safetensors.index.json` when the tensors exceed `max_shard_bytes`, one Hugging Face tensor gathered at a
+time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any, Callable
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from lm.errors import CheckpointError
+from lm.hf import architectures
+from lm.hf.architectures import TensorMap
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _on_host():
+    """Arrays made by safetensors' flax reader stay on the host CPU, whatever the default backend."""
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
+
+
+class SafetensorsReader:
+    """The tensors of a Hugging Face model directory: one `model.safetensors`, or the shards its index names."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index_path = os.path.join(directory, INDEX_FILE)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                self.files = dict(json.load(f)["weight_map"])
+        elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(directory, SINGLE_FILE), framework="flax") as f:
+                self.files = {name: SINGLE_FILE for name in f.keys()}
+        else:
+            raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors weights "
+                                  f"are read)")
+        self._headers: dict[str, tuple[list[int], str]] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise CheckpointError(f"{self.directory}: the weights have no tensor {name!r}")
+        return safe_open(os.path.join(self.directory, self.files[name]), framework="flax")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with self._open(name) as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` as numpy, in the stored dtype (bfloat16 as `ml_dtypes.bfloat16`)."""
+        with _on_host(), self._open(name) as f:
+            return np.asarray(f.get_slice(name)[index])
+
+
+def _flat_range(index: tuple[slice, ...], dims: tuple[int, ...]) -> tuple[int, int, Callable[[np.ndarray], np.ndarray]]:
+    """For axes `dims` flattened into one (row-major), the `(start, stop)` covering `index` (whole inner axes), and
+    the function that turns those flat elements (first axis of its argument) into exactly `index`."""
+    first = range(*index[0].indices(dims[0]))
+    inner = math.prod(dims[1:])
+    start, stop = first.start * inner, first.stop * inner
+
+    def unflatten(x):
+        x = x.reshape(len(first), *dims[1:], *x.shape[1:])
+        return x[(slice(None), *index[1:])]
+
+    return start, stop, unflatten
+
+
+def read_shard(reader: SafetensorsReader, tensor: TensorMap, layer: int | None, shape: tuple[int, ...],
+               index: tuple[slice, ...]) -> np.ndarray:
+    """`lm_parameter[index]` of one layer (per-layer parameters, without the layers axis), `shape` being the
+    parameter's whole (per-layer) shape; reads only the rows and columns of the Hugging Face tensor that cover it."""
+    name = tensor.hf_name.format(layer=layer)
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    a_start, a_stop, a_unflatten = _flat_range(index[:tensor.split], shape[:tensor.split])
+    offset = tensor.block[0] if tensor.block else 0
+    if tensor.split == len(shape):  # 1-D: every axis from the one.
+        return a_unflatten(reader.read(name, (slice(a_start + offset, a_stop + offset),)))
+    b_start, b_stop, b_unflatten = _flat_range(index[tensor.split:], shape[tensor.split:])
+    b = slice(b_start + offset, b_stop + offset)
+    if tensor.transpose:
+        m_ab = reader.read(name, (b, slice(a_start, a_stop))).T
+    else:
+        m_ab = reader.read(name, (slice(a_start, a_stop), b))
+    return _unflatten_last(a_unflatten(m_ab), b_unflatten, len(shape) - tensor.split)
+
+
+def _unflatten_last(x: np.ndarray, unflatten, axes: int) -> np.ndarray:
+    """`x` `[..., flat]` -> `[..., *axes]`, with `unflatten` (of `_flat_range`) applied to the flat last axis."""
+    unflat = unflatten(np.moveaxis(x, -1, 0))  # [*new axes, ...]
+    return np.moveaxis(unflat, list(range(axes)), list(range(unflat.ndim - axes, unflat.ndim)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import.
+
+
+def _lm_place(path, scan_layers: bool) -> tuple[tuple[str, ...], bool, int | None]:
+    """(path relative to a block or the root, stacked over layers, layer number of an unscanned block)."""
+    keys = tuple(getattr(k, "key", k) for k in path)
+    if scan_layers and keys[0] == "layers":
+        return keys[1:], True, None
+    if keys[0].startswith("layers_"):
+        return keys[1:], False, int(keys[0].removeprefix("layers_"))
+    return keys, False, None
+
+
+def _expected_shape(tensor: TensorMap, shape: tuple[int, ...]) -> tuple[int, ...]:
+    a, b = math.prod(shape[:tensor.split]), math.prod(shape[tensor.split:])
+    if tensor.split == len(shape):
+        return (a,)
+    return (b, a) if tensor.transpose else (a, b)
+
+
+def check_tensors(reader: SafetensorsReader, config, abstract_params) -> None:
+    """Every lm parameter has its tensor, of the shape `config` implies, and no weight goes unused; CheckpointError
+    naming the first tensor that does not fit (before anything is read)."""
+    maps = {t.lm_path: t for t in architectures.tensors(config)}
+    expected: dict[str, tuple[int, ...]] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+        relative, stacked, layer = _lm_place(path, config.model.scan_layers)
+        tensor = maps[relative]
+        per_layer_shape = leaf.shape[1:] if stacked else leaf.shape
+        shape = _expected_shape(tensor, per_layer_shape)
+        for i in range(leaf.shape[0]) if stacked else [layer]:
+            name = tensor.hf_name.format(layer=i)
+            if tensor.block:  # A block of a fused tensor: the fused width is checked once all blocks are known.
+                shape = (*shape[:-1], max(tensor.block[1], expected.get(name, (0,))[-1]))
+            expected[name] = shape
+    missing = [name for name in expected if name not in reader.files]
+    if missing:
+        raise CheckpointError(f"{reader.directory}: the weights lack {missing[0]!r} ({len(missing)} tensors missing) "
+                              f"for this config")
+    unused = [name for name in reader.names()
+              if name not in expected and not name.endswith(architectures.BUFFER_SUFFIXES)]
+    if unused:
+        raise CheckpointError(f"{reader.directory}: tensor {unused[0]!r} has no place in lm's model "
+                              f"({len(unused)} unused); lm does not read this checkpoint's architecture options")
+    for name, shape in expected.items():
+        found = reader.shape(name)
+        if found != shape:
+            raise CheckpointError(f"{reader.directory}: tensor {name!r} has shape {list(found)}, expected "
+                                  f"{list(shape)} from config.json")
+
+
+def load_params(reader: SafetensorsReader, config, shardings) -> Any:
+    """lm parameters (a tree of `jax.Array`s placed by `shardings.params`) read from `reader`, each device's slice
+    straight into its place; dtypes are `config.model.param_dtype`."""
+    maps = {t.lm_path: t for t in architectures.tensors(config)}
+    check_tensors(reader, config, shardings.abstract_params)
+
+    def load(path, leaf, sharding):
+        relative, stacked, layer = _lm_place(path, config.model.scan_layers)
+        tensor = maps[relative]
+
+        def callback(layer, shape):
+            return lambda index: np.asarray(read_shard(reader, tensor, layer, shape, index), dtype=leaf.dtype)
+
+        if not stacked:
+            return jax.make_array_from_callback(leaf.shape, sharding, callback(layer, leaf.shape))
+        layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+        stack = jax.jit(functools.partial(jax.numpy.zeros, leaf.shape, leaf.dtype), out_shardings=sharding)()
+        put = _put_layer(sharding)
+        for i in range(leaf.shape[0]):
+            stack = put(stack, jax.make_array_from_callback(leaf.shape[1:], layer_sharding,
+                                                            callback(i, leaf.shape[1:])), i)
+        return stack
+
+    return jax.tree_util.tree_map_with_path(load, shardings.abstract_params, shardings.params)
+
+
+@functools.lru_cache(maxsize=None)
+def _put_layer(sharding):
+    """`stack.at[i].set(layer)` in place: the stack's buffer is donated, so no second copy of it exists."""
+    return jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0),
+                   donate_argnums=0, out_shardings=sharding)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export.
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on every process's host (a collective when it spans processes)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def hf_tensors(params, config):
+    """Yields `(name, array)`: each Hugging Face tensor of lm `params`, gathered to the host one at a time."""
+    by_name: dict[str, list[TensorMap]] = {}
+    for tensor in architectures.tensors(config):
+        by_name.setdefault(tensor.hf_name, []).append(tensor)
+
+    def lm_array(tensor: TensorMap, layer: int | None) -> np.ndarray:
+        if not tensor.per_layer:
+            return _to_host(_get(params, tensor.lm_path))
+        if config.model.scan_layers:
+            return _to_host(_get(params, ("layers", *tensor.lm_path))[layer])
+        return _to_host(_get(params, (f"layers_{layer}", *tensor.lm_path)))
+
+    for template, parts in by_name.items():
+        for layer in range(config.model.num_layers) if parts[0].per_layer else [None]:
+            blocks = []  # M of each part, in column order (fused query/key/value), flattened as the layout says.
+            for tensor in sorted(parts, key=lambda t: t.block or (0, 0)):
+                lm = lm_array(tensor, layer)
+                a = math.prod(lm.shape[:tensor.split])
+                blocks.append(lm.reshape(a) if tensor.split == lm.ndim else lm.reshape(a, -1))
+            m = np.concatenate(blocks, axis=-1)
+            yield template.format(layer=layer), np.ascontiguousarray(m.T if parts[0].transpose else m)
+
+
+def _get(tree, keys: tuple[str, ...]):
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
+def save_params(params, config, directory: str, max_shard_bytes: int) -> list[str]:
+    """Writes `params` as Hugging Face safetensors into `directory` (process 0 writes; every process must call it,
+    since gathering is collective); returns the file names written."""
+    write = jax.process_index() == 0
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[str, list[str]]] = []  # (temporary file, its tensor names); renamed once the count is known
+    shard_bytes = total_bytes = 0
+
+    def flush():
+        temporary = os.path.join(directory, f"shard-{len(written):05d}.tmp")
+        if write:
+            _write_safetensors(temporary, shard)
+        written.append((temporary, list(shard)))
+        shard.clear()
+
+    for name, array in hf_tensors(params, config):
+        if shard and shard_bytes + array.nbytes > max_shard_bytes:
+            flush()
+            shard_bytes = 0
+        shard[name] = array
+        shard_bytes += array.nbytes
+        total_bytes += array.nbytes
+    flush()
+    files = [SINGLE_FILE] if len(written) == 1 else [
+        f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    if write:
+        for (temporary, _), file in zip(written, files):
+            os.replace(temporary, os.path.join(directory, file))
+        if len(files) > 1:
+            weight_map = {name: file for (_, names), file in zip(written, files) for name in names}
+            with open(os.path.join(directory, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+                          f, indent=2)
+    return files
+
+
+def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.flax import save_file
+
+    with _on_host():
+        save_file({name: jax.numpy.asarray(array) for name, array in tensors.items()}, path,
+                  metadata={"format": "pt"})

@@ -1,0 +1,146 @@
+"""Hugging Face interop against transformers itself: tiny random models of every supported architecture and option
+are built and saved here (`save_pretrained`), imported with `lm.hf`, and compared: logits on a 512-token prompt,
+greedy generation, and HF -> lm -> HF tensors bit for bit."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+import torch
+import transformers
+
+from lm import checkpoint
+from lm import generate as generate_lib
+from lm import model as model_lib
+from lm import sharding as sharding_lib
+from lm.hf import convert
+
+VOCAB = 512
+PROMPT_LENGTH = 512
+FP32 = {"model.dtype": "float32"}
+
+LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
+             initializer_range=0.1)
+MODELS = {
+    "llama3 rope scaling": (transformers.LlamaConfig, dict(
+        LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 64})),
+    "llama linear rope, head_dim, biases, tied": (transformers.LlamaConfig, dict(
+        LLAMA, head_dim=32, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "mistral": (transformers.MistralConfig, dict(LLAMA, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, dict(LLAMA, tie_word_embeddings=True, rope_theta=1e6)),
+    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                           bos_token_id=None, eos_token_id=None, initializer_range=0.1)),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def hf_model(request, tmp_path_factory):
+    """`(name, directory, torch model)`: a random model saved with `save_pretrained`."""
+    config_class, kwargs = MODELS[request.param]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**kwargs), attn_implementation="eager")
+    model.eval()
+    directory = tmp_path_factory.mktemp("hf") / "model"
+    model.save_pretrained(directory)
+    return request.param, str(directory), model
+
+
+def prompt_tokens(length=PROMPT_LENGTH, batch=2, seed=0):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
+
+
+def hf_logits(model, tokens_bt):
+    with torch.no_grad():
+        return model(torch.tensor(tokens_bt)).logits.numpy()
+
+
+def lm_logits(config, params, tokens_bt):
+    model = model_lib.build(config)
+
+    def forward(params, tokens_bt):
+        hidden_btd = model.apply({"params": params}, tokens_bt)
+        return model.apply({"params": params}, hidden_btd, method=model_lib.Transformer.logits)
+
+    return np.asarray(jax.jit(forward)(params, jnp.asarray(tokens_bt)))
+
+
+def test_imported_logits_match_transformers_on_a_512_token_prompt(hf_model, tmp_path):
+    name, directory, model = hf_model
+    workdir = str(tmp_path / "workdir")
+    convert.import_checkpoint(directory, workdir, FP32)
+    restored = checkpoint.restore(workdir)
+    tokens_bt = prompt_tokens()
+    expected = hf_logits(model, tokens_bt)
+    got = lm_logits(restored.config, restored.params, tokens_bt)
+    largest, error = np.abs(expected).max(), np.abs(got - expected).max()
+    assert largest > 0.5, "logits this small would hide errors"
+    # 1e-4 absolute; relative to the largest logit 2e-6, since transformers' own fp32 result is about 0.8e-6 from
+    # its float64 one on these prompts (tests/hf_parity.py prints both).
+    assert error <= 1e-4 and error <= 2e-6 * largest, (error, largest)
+    if restored.config.model.rope_scaling.type != "none":  # The comparison can fail: without the scaling it does.
+        unscaled = restored.config.copy_and_resolve_references()
+        unscaled.model.rope_scaling.type = "none"
+        assert np.abs(lm_logits(unscaled, restored.params, tokens_bt) - expected).max() > 100 * 1e-4
+
+
+def test_greedy_generation_matches_transformers(hf_model, tmp_path):
+    name, directory, model = hf_model
+    config = convert.config_for(directory, FP32)
+    params, _ = convert.load_params(directory, config)
+    prompt_bt = prompt_tokens(length=12, batch=1, seed=1)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(prompt_bt), max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                                  pad_token_id=0)[0, 12:].tolist()
+    got = generate_lib.generate(config, params, prompt_bt.tolist(), max_new_tokens=32,
+                                sampling=generate_lib.Sampling(0.0, 0, 1.0), seed=0, eos_id=None, pad_id=0)
+    assert got[0] == expected
+
+
+def test_hf_to_lm_to_hf_is_bit_identical(hf_model, tmp_path):
+    name, directory, model = hf_model
+    workdir, out = str(tmp_path / "workdir"), str(tmp_path / "exported")
+    convert.import_checkpoint(directory, workdir)
+    files = convert.export_checkpoint(workdir, out, max_shard_bytes=100_000)  # Small shards: the index is used.
+    assert len(files) > 1 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    original = read_all(directory)
+    exported = read_all(out)
+    assert sorted(exported) == sorted(original)
+    for key, array in original.items():
+        assert exported[key].dtype == array.dtype and np.array_equal(exported[key], array), key
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    if model.config.tie_word_embeddings:
+        assert reloaded.get_output_embeddings().weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+    tokens_bt = prompt_tokens(length=64)
+    np.testing.assert_array_equal(hf_logits(reloaded.eval(), tokens_bt), hf_logits(model, tokens_bt))
+
+
+def read_all(directory):
+    tensors = {}
+    for file in os.listdir(directory):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, file), framework="pt") as f:
+                tensors.update({key: f.get_tensor(key).float().numpy() if f.get_tensor(key).dtype == torch.bfloat16
+                                else f.get_tensor(key).numpy() for key in f.keys()})
+    return tensors
+
+
+def test_import_on_a_2x2x2_mesh_equals_import_on_one_device(hf_model):
+    name, directory, _ = hf_model
+    config = convert.config_for(directory, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    on_eight, shardings = convert.load_params(directory, config)
+    assert shardings.mesh.devices.size == 8
+    spread = [leaf for leaf in jax.tree.leaves(on_eight) if len(leaf.sharding.device_set) > 1
+              and not leaf.sharding.is_fully_replicated]
+    assert spread, "nothing was sharded"
+    single = config.copy_and_resolve_references()
+    single.mesh.update(data=1, fsdp=1, tensor=1)
+    on_one, _ = convert.load_params(directory, single, sharding_lib.make_mesh(single.mesh, jax.devices()[:1]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), on_eight, on_one)
