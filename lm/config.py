@@ -159,7 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.shuffle_buffer = 1024  # Documents shuffled within a window, for TFRecord datasets read in order.
     d.cache_dir = config_dict.placeholder(str)  # Prepared local datasets and tokenizers; None: $LM_CACHE_DIR or ~/.cache/lm.
     d.tokenizer = t = ml_collections.ConfigDict()
-    t.path = config_dict.placeholder(str)  # SentencePiece .model; None: train one on the source and cache it.
+    # A SentencePiece .model, a Hugging Face tokenizer.json, or a directory with either; None: train a SentencePiece
+    # model on the source and cache it.
+    t.path = config_dict.placeholder(str)
     t.vocab_size = 2048
     t.model_type = "bpe"  # SentencePiece model type when training one: bpe | unigram.
     t.byte_fallback = True

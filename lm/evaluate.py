@@ -17,7 +17,7 @@ both in one call. An evaluation reads `config.data.eval_split` from the start ea
 Padding has weight 0 and is not counted.
 
 Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the evaluated target tokens' text
-(`lm.data.tokenizer.piece_bytes`; BOS/EOS/padding have none), so it compares models with different tokenizers. The
+(`Tokenizer.token_bytes`; BOS/EOS/padding have none), so it compares models with different tokenizers. The
 unigram entropy of the evaluated targets is the loss of the best model that ignores context: the bar to clear.
 """
 
@@ -33,7 +33,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import sentencepiece as spm
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -69,7 +68,7 @@ class Evaluator:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, shardings: sharding_lib.Shardings,
-                 tokenizer: spm.SentencePieceProcessor | None, *, model: model_lib.Transformer | None = None):
+                 tokenizer: tokenizer_lib.Tokenizer | None, *, model: model_lib.Transformer | None = None):
         self.config = config
         self.shardings = shardings
         self.tokenizer = tokenizer
@@ -82,8 +81,7 @@ class Evaluator:
             self.split = sources.resolve(config, config.data.eval_split)
         model = model_lib.build(config) if model is None else model
         self._eval_step = make_eval_step(config, model, shardings)
-        self._bytes_per_id = None if tokenizer is None else tokenizer_lib.piece_bytes(
-            tokenizer, config.model.vocab_size)
+        self._bytes_per_id = None if tokenizer is None else tokenizer.token_bytes(config.model.vocab_size)
 
     def __call__(self, params) -> dict[str, float]:
         """`loss` (mean nats per token), `perplexity`, `accuracy`, `tokens`, `batches`, and with a tokenizer
@@ -139,7 +137,7 @@ def _sum_over_processes(values: np.ndarray) -> np.ndarray:
     return np.sum(multihost_utils.process_allgather(values), axis=0)
 
 
-def evaluate(config: ml_collections.ConfigDict, params, *, tokenizer: spm.SentencePieceProcessor | None = None,
+def evaluate(config: ml_collections.ConfigDict, params, *, tokenizer: tokenizer_lib.Tokenizer | None = None,
              workdir: str | None = None, shardings: sharding_lib.Shardings | None = None) -> dict[str, float]:
     """`Evaluator(config, shardings, tokenizer)(params)` in one call (what `Evaluator.__call__` returns).
 

@@ -145,12 +145,12 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
 def generate_text(config: ml_collections.ConfigDict, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """Text completions of text prompts (each prompt starts with BOS, as training documents do; EOS ends one)."""
-    bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     prompt_ids = [bos + tokenizer.encode(p) for p in prompts]
-    eos_id = tokenizer.eos_id() if tokenizer.eos_id() >= 0 else None
+    eos_id = tokenizer.eos_id
     new_ids = generate(config, params, prompt_ids, max_new_tokens=max_new_tokens,
                        sampling=Sampling(temperature, top_k, top_p), seed=seed, eos_id=eos_id,
-                       pad_id=max(tokenizer.pad_id(), 0))
+                       pad_id=0 if tokenizer.pad_id is None else tokenizer.pad_id)
     return [tokenizer.decode([t for t in ids if t != eos_id]) for ids in new_ids]
 
 

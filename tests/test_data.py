@@ -25,6 +25,12 @@ SEQ_LEN = 32
 BATCH = 8
 
 
+
+def document_ids(tokenizer, text):
+    """A document as the pipeline tokenizes it: `[BOS] + ids + [EOS]`."""
+    return [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+
+
 def _config(cache_dir, **data):
     c = lm_config.base_config()
     c.data.cache_dir = str(cache_dir)
@@ -95,11 +101,11 @@ def _stream_documents(batches, tokenizer):
     windows = [np.append(b["inputs"][r], b["targets"][r, -1]) for b in batches for r in range(len(b["inputs"]))]
     stream = np.concatenate(windows)
     stream = np.trim_zeros(stream, "b")  # Padding (pad_id 0) only ever ends a finite stream.
-    ends = np.flatnonzero(stream == tokenizer.eos_id())
+    ends = np.flatnonzero(stream == tokenizer.eos_id)
     assert ends[-1] == len(stream) - 1, "the stream ends with an EOS"
     docs = []
     for piece in np.split(stream, ends[:-1] + 1):
-        assert piece[0] == tokenizer.bos_id() and piece[-1] == tokenizer.eos_id()
+        assert piece[0] == tokenizer.bos_id and piece[-1] == tokenizer.eos_id
         docs.append(tokenizer.decode(piece[1:-1].tolist()))
     return docs
 
@@ -160,7 +166,7 @@ def test_packed_windows_reassemble_the_documents(files_config, tokenizer):
 def test_segment_ids_positions_and_weights_are_right_at_every_boundary(files_config, tokenizer):
     it = pipeline.make_train_iterator(files_config, tokenizer=tokenizer, shuffle=True, process_index=0,
                                       process_count=1)
-    bos = tokenizer.bos_id()
+    bos = tokenizer.bos_id
     boundaries = 0
     for batch in _take(it, 30):
         assert {k: v.shape for k, v in batch.items()} == {k: (BATCH, SEQ_LEN) for k in packing.FEATURES}
@@ -214,7 +220,7 @@ def test_pad_layout_puts_one_window_of_one_document_per_row_and_masks_padding(fi
     # Every document of the split appears, in order, cut into its windows.
     expected = [window for text in _all_documents(files_config, "train")
                 for window in packing.document_windows(
-                    np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True)), SEQ_LEN)]
+                    np.asarray(document_ids(tokenizer, text)), SEQ_LEN)]
     observed = _segments(batches)
     assert len(observed) == len(expected)
     for window, segment in zip(expected, observed):
@@ -225,7 +231,7 @@ def test_eval_layout_packs_whole_windows_so_every_target_counts_once(files_confi
     import collections
 
     batches = list(pipeline.make_eval_iterator(files_config, tokenizer=tokenizer, process_index=0, process_count=1))
-    token_docs = [np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True))
+    token_docs = [np.asarray(document_ids(tokenizer, text))
                   for text in _all_documents(files_config, "validation")]
     expected = collections.Counter(tuple(window.tolist()) for tokens in token_docs
                                    for window in packing.document_windows(tokens, SEQ_LEN))
@@ -364,7 +370,7 @@ def test_two_real_processes_assemble_one_global_batch(tmp_path, tokenizer):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     model_path = tmp_path / "tokenizer.model"
-    model_path.write_bytes(tokenizer.serialized_model_proto())
+    model_path.write_bytes(tokenizer.processor.serialized_model_proto())
     script = f"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -552,16 +558,15 @@ def test_tfds_dataset_by_name_reads_shards_and_resumes(tfds_config, tokenizer):
 
 def test_tokenizer_trained_on_the_default_corpus_is_lossless(cache_dir, tokenizer):
     config = _config(cache_dir)
-    assert tokenizer.vocab_size() == config.data.tokenizer.vocab_size == 2048
-    assert (tokenizer.pad_id(), tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.unk_id()) == (0, 1, 2, 3)
+    assert tokenizer.vocab_size == config.data.tokenizer.vocab_size == 2048
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.processor.unk_id()) == (0, 1, 2, 3)
     texts = _all_documents(config, "train") + _all_documents(config, "validation")
     assert len(texts) == len(text_files.default_corpus_spec().files)
-    ids = tokenizer.encode(texts)
-    assert tokenizer.decode(ids) == texts
+    assert [tokenizer.decode(tokenizer.encode(text)) for text in texts] == texts
     # Byte fallback: text the corpus never showed still round-trips.
     odd = "Ωμέγα ☃ 🙂\r\n\ttab  two  spaces\x0c"
     assert tokenizer.decode(tokenizer.encode(odd)) == odd
-    assert tokenizer.unk_id() not in set(sum(ids, []))
+    assert tokenizer.processor.unk_id() not in {i for text in [*texts, odd] for i in tokenizer.encode(text)}
 
 
 def test_tokenizer_is_cached_and_kept_in_the_workdir(cache_dir, tokenizer, tmp_path):
@@ -571,14 +576,14 @@ def test_tokenizer_is_cached_and_kept_in_the_workdir(cache_dir, tokenizer, tmp_p
     mtime = os.stat(path).st_mtime_ns
     in_workdir = tokenizer_training.get_or_train(config, train_split, workdir=str(tmp_path))
     assert os.stat(path).st_mtime_ns == mtime, "not trained again"
-    assert (tmp_path / "tokenizer.model").read_bytes() == tokenizer.serialized_model_proto()
-    assert tokenizer_lib.fingerprint(in_workdir) == tokenizer_lib.fingerprint(tokenizer)
+    assert (tmp_path / "tokenizer.model").read_bytes() == tokenizer.processor.serialized_model_proto()
+    assert in_workdir.fingerprint() == tokenizer.fingerprint()
     # A resumed run uses the workdir's model even if the config now names another file.
     config.data.tokenizer.path = str(tmp_path / "missing.model")
-    assert tokenizer_lib.fingerprint(tokenizer_training.get_or_train(config, train_split, workdir=str(tmp_path))) \
-        == tokenizer_lib.fingerprint(tokenizer)
+    assert tokenizer_training.get_or_train(config, train_split, workdir=str(tmp_path)).fingerprint() \
+        == tokenizer.fingerprint()
     # Evaluation and sampling load the workdir's copy and nothing else.
-    assert tokenizer_lib.fingerprint(tokenizer_lib.from_workdir(str(tmp_path))) == tokenizer_lib.fingerprint(tokenizer)
+    assert tokenizer_lib.from_workdir(str(tmp_path)).fingerprint() == tokenizer.fingerprint()
     with pytest.raises(lm_config.CheckpointError, match="tokenizer.model does not exist"):
         tokenizer_lib.from_workdir(str(tmp_path / "elsewhere"))
 
@@ -594,7 +599,7 @@ def test_tokenizer_cli_trains_on_the_configured_source(tmp_path, text_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "300 pieces" in out.stdout
     model = tokenizer_lib.load(str(output))
-    assert model.vocab_size() == 300
+    assert model.vocab_size == 300
     text = "the model reads ünïcödé 日本語"
     assert model.decode(model.encode(text)) == text
 

@@ -93,12 +93,12 @@ def test_evaluate_all_steps_and_config_overrides(small_run, run_lm):
 def test_bits_per_byte_counts_the_raw_bytes_of_the_evaluated_text(small_run):
     config = lm_config.read_config(small_run)
     tokenizer = tokenizer_lib.from_workdir(small_run)
-    table = tokenizer_lib.piece_bytes(tokenizer, config.model.vocab_size)
+    table = tokenizer.token_bytes(config.model.vocab_size)
     iterator = pipeline.make_eval_iterator(config, tokenizer=tokenizer)
     batch = next(iterator)
     iterator.close()
     for targets, weights in zip(batch["targets"], batch["weights"]):
-        text_ids = [t for t, w in zip(targets.tolist(), weights.tolist()) if w > 0 and not tokenizer.is_control(t)]
+        text_ids = [t for t, w in zip(targets.tolist(), weights.tolist()) if w > 0 and t != tokenizer.eos_id]
         assert table[targets].dot(weights) == len(tokenizer.decode(text_ids).encode("utf-8"))
 
 

@@ -2,6 +2,7 @@
 are built and saved here (`save_pretrained`), imported with `lm.hf`, and compared: logits on a 512-token prompt,
 greedy generation, and HF -> lm -> HF tensors bit for bit."""
 
+import json
 import os
 
 import jax
@@ -13,9 +14,12 @@ import torch
 import transformers
 
 from lm import checkpoint
+from lm import config as lm_config
 from lm import generate as generate_lib
 from lm import model as model_lib
 from lm import sharding as sharding_lib
+from lm.data import sources
+from lm.data import tokenizer as tokenizer_lib
 from lm.hf import convert
 
 VOCAB = 512
@@ -39,15 +43,36 @@ MODELS = {
 }
 
 
+MULTILINGUAL = ("The quick brown fox jumps over the lazy dog. Der schnelle braune Fuchs springt über den faulen "
+                "Hund. Η γρήγορη καφέ αλεπού. 敏捷的棕色狐狸跳过了懒狗。素早い茶色の狐。 الثعلب البني 🦊🐕\n\ttabs  and  "
+                "spaces\r\n")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    """A byte-level BPE tokenizer (as GPT-2, Llama 3 and Qwen2 have) trained here, with BOS/EOS/PAD tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([MULTILINGUAL * 3, "hello world, the model reads text"] * 20, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
-def hf_model(request, tmp_path_factory):
-    """`(name, directory, torch model)`: a random model saved with `save_pretrained`."""
+def hf_model(request, tmp_path_factory, hf_tokenizer):
+    """`(name, directory, torch model)`: a random model saved with `save_pretrained`, with the tokenizer."""
     config_class, kwargs = MODELS[request.param]
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config_class(**kwargs), attn_implementation="eager")
     model.eval()
     directory = tmp_path_factory.mktemp("hf") / "model"
     model.save_pretrained(directory)
+    hf_tokenizer.save_pretrained(directory)
     return request.param, str(directory), model
 
 
@@ -144,3 +169,51 @@ def test_import_on_a_2x2x2_mesh_equals_import_on_one_device(hf_model):
     single.mesh.update(data=1, fsdp=1, tensor=1)
     on_one, _ = convert.load_params(directory, single, sharding_lib.make_mesh(single.mesh, jax.devices()[:1]))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), on_eight, on_one)
+
+
+def test_imported_tokenizer_encodes_and_decodes_like_transformers(hf_model, tmp_path):
+    _, directory, _ = hf_model
+    workdir = str(tmp_path / "workdir")
+    convert.import_checkpoint(directory, workdir)
+    tokenizer = tokenizer_lib.from_workdir(workdir)
+    reference = transformers.AutoTokenizer.from_pretrained(directory)
+    assert isinstance(tokenizer, tokenizer_lib.HuggingFaceTokenizer)
+    assert tokenizer.encode(MULTILINGUAL) == reference.encode(MULTILINGUAL, add_special_tokens=False)
+    assert tokenizer.decode(tokenizer.encode(MULTILINGUAL)) == MULTILINGUAL
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
+        reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+    table = tokenizer.token_bytes(VOCAB)
+    assert table[tokenizer.encode(MULTILINGUAL)].sum() == len(MULTILINGUAL.encode("utf-8"))
+
+
+DOCUMENTS = [f"Document {i}: " + MULTILINGUAL[i * 7:i * 7 + 60 + 5 * i] for i in range(12)]
+
+
+def test_evaluate_on_an_imported_model_matches_transformers(hf_model, tmp_path, run_lm, lm_cache):
+    """Loss and bits per byte of `lm.evaluate` against the same documents scored by transformers, each document
+    `[BOS] text [EOS]` (shorter than the window, so scored whole)."""
+    _, directory, model = hf_model
+    workdir, data = str(tmp_path / "workdir"), tmp_path / "documents.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in DOCUMENTS))
+    run_lm("lm.hf", "import", f"--hf={directory}", f"--workdir={workdir}", "--config.model.dtype=float32")
+    overrides = ["--config.data.source=files", f"--config.data.files={data}", "--config.data.eval_split=train",
+                 f"--config.data.cache_dir={lm_cache}", "--config.data.seq_len=256", "--config.data.batch_size=4"]
+    run_lm("lm.evaluate", f"--workdir={workdir}", *overrides)
+    with open(os.path.join(workdir, "eval_0.json")) as f:
+        results = json.load(f)
+    config = lm_config.read_config(workdir)
+    config.update_from_flattened_dict({"data.source": "files", "data.files": str(data), "data.cache_dir": lm_cache})
+    texts = list(sources.iter_texts(sources.resolve(config, "train")))
+    assert 0 < len(texts) <= len(DOCUMENTS) and set(texts) <= set(DOCUMENTS)
+    reference = transformers.AutoTokenizer.from_pretrained(directory)
+    nll, tokens = 0.0, 0
+    for text in texts:
+        ids = [reference.bos_token_id, *reference.encode(text, add_special_tokens=False), reference.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[:-1]])).logits[0].double()
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+        tokens += len(ids) - 1
+    text_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    assert results["tokens"] == tokens and results["bytes"] == text_bytes
+    assert abs(results["loss"] - nll / tokens) < 1e-4
+    assert abs(results["bits_per_byte"] - nll / np.log(2) / text_bytes) < 1e-4

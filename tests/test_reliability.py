@@ -348,7 +348,7 @@ CASES = [
     ("lm.train", [*TINY, "--profile_steps=abc"],
      "--profile_steps='abc' must be START:STOP"),
     ("lm.train", [*TINY, "--config.data.tokenizer.path=B/missing.model"],
-     "config.data.tokenizer.path='B/missing.model': no such SentencePiece model file"),
+     "config.data.tokenizer.path='B/missing.model': no such tokenizer file"),
     ("lm.train", [*TINY, "--config.data.tokenizer.path=B/not_a_model.model"],
      "is not a SentencePiece model"),
     ("lm.train", [*TINY, "--config.data.source=files",

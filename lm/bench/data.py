@@ -39,7 +39,7 @@ def corpus_stats(config, tokenizer) -> list[tuple[str, int, int, int]]:
     rows = []
     for split in (config.data.train_split, config.data.eval_split):
         texts = list(sources.iter_texts(sources.resolve(config, split)))
-        tokens = sum(len(ids) for ids in tokenizer.encode(texts))
+        tokens = sum(len(tokenizer.encode(text)) for text in texts)
         rows.append((split, len(texts), sum(len(t) for t in texts), tokens))
     return rows
 
@@ -74,7 +74,7 @@ def main(argv):
         train_split = sources.resolve(config, d.train_split)
         tokenizer = tokenizer_training.get_or_train(config, train_split)
         print(f"source + tokenizer ready in {time.perf_counter() - start:.1f} s "
-              f"(tokenizer {tokenizer.vocab_size()} pieces, {tokenizer_training.cached_path(config, train_split)})")
+              f"(tokenizer {tokenizer.vocab_size} pieces, {tokenizer_training.cached_path(config, train_split)})")
         print(f"{'split':>12} {'documents':>10} {'characters':>12} {'tokens':>10} {'chars/token':>12}")
         for split, docs, chars, tokens in corpus_stats(config, tokenizer):
             print(f"{split:>12} {docs:>10} {chars:>12} {tokens:>10} {chars / tokens:>12.2f}")

@@ -56,7 +56,6 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-import sentencepiece as spm
 
 from lm.data import packing, sources
 from lm.data import tokenizer as tokenizer_lib
@@ -94,11 +93,17 @@ def check_config(config: ml_collections.ConfigDict, process_index: int, process_
 class _Tokenize:
     """`str` document -> `{'tokens': int32 [n]}`, `[BOS] + ids + [EOS]` (no BOS if the tokenizer has none)."""
 
-    tokenizer: spm.SentencePieceProcessor
+    tokenizer: tokenizer_lib.Tokenizer
 
     def __call__(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id() >= 0, add_eos=True)
+        bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        ids = bos + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
         return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+def pad_id_of(tokenizer: tokenizer_lib.Tokenizer | None) -> int:
+    """The id padding rows hold (weight 0, so any id would do): the tokenizer's padding id, else 0."""
+    return 0 if tokenizer is None or tokenizer.pad_id is None else tokenizer.pad_id
 
 
 def _stack(examples: list[dict[str, np.ndarray]], rows: int, padding: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -119,7 +124,7 @@ class BatchIterator(grain.DatasetIterator):
     """
 
     def __init__(self, inner: grain.DatasetIterator, *, meta: dict[str, Any], local_batch_size: int,
-                 global_batch_size: int, seq_len: int, tokenizer: spm.SentencePieceProcessor | None):
+                 global_batch_size: int, seq_len: int, tokenizer: tokenizer_lib.Tokenizer | None):
         super().__init__(inner)
         self._inner = inner
         self._meta = meta
@@ -155,7 +160,7 @@ class BatchIterator(grain.DatasetIterator):
     def padding_batch(self) -> dict[str, np.ndarray]:
         """A batch of all-padding rows (weights 0): what a process whose finite stream has ended feeds to a step
         that every process runs together."""
-        pad_id = 0 if self.tokenizer is None else max(self.tokenizer.pad_id(), 0)
+        pad_id = pad_id_of(self.tokenizer)
         return _stack([], self.local_batch_size, packing.padding_example(self.seq_len, pad_id))
 
     def close(self) -> None:
@@ -208,7 +213,7 @@ def make_iterator(
     config: ml_collections.ConfigDict,
     split: str | sources.ResolvedSplit,
     *,
-    tokenizer: spm.SentencePieceProcessor | None,
+    tokenizer: tokenizer_lib.Tokenizer | None,
     shuffle: bool = True,
     layout: str | None = None,
     num_epochs: int | None = None,
@@ -255,13 +260,13 @@ def make_iterator(
     if tokenizer is None:
         raise ArgumentError(f"config.data.source={config.data.source!r} needs a tokenizer (tokenizer=None)")
     tokenizer_lib.check_vocab_size(tokenizer, config)
-    if tokenizer.eos_id() < 0:
-        raise ConfigError("the tokenizer has no EOS piece (eos_id < 0); documents are EOS-terminated")
+    if tokenizer.eos_id is None:
+        raise ConfigError("the tokenizer has no EOS token; documents are EOS-terminated")
     layout = ("pack" if config.data.pack else "pad") if layout is None else layout
     if layout not in packing.LAYOUTS:
         raise ArgumentError(f"layout={layout!r} is not one of {', '.join(packing.LAYOUTS)}")
-    pad_id = max(tokenizer.pad_id(), 0)
-    meta.update(source=resolved.fingerprint, tokenizer=tokenizer_lib.fingerprint(tokenizer), layout=layout,
+    pad_id = pad_id_of(tokenizer)
+    meta.update(source=resolved.fingerprint, tokenizer=tokenizer.fingerprint(), layout=layout,
                 shuffle=bool(shuffle))
 
     docs = sources.documents(resolved, process_index=process_index, process_count=process_count, shuffle=shuffle,
@@ -280,7 +285,7 @@ def make_iterator(
     return BatchIterator(iter(batches), meta=meta, tokenizer=tokenizer, **common)
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, *, tokenizer: spm.SentencePieceProcessor | None,
+def make_train_iterator(config: ml_collections.ConfigDict, *, tokenizer: tokenizer_lib.Tokenizer | None,
                         split: sources.ResolvedSplit | None = None, **kwargs) -> BatchIterator:
     """Shuffled, endless batches of `config.data.train_split` (or of `split`, that split resolved), laid out by
     `config.data.pack`."""
@@ -288,7 +293,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, tokenizer: spm.Sen
                          **{"shuffle": True, **kwargs})
 
 
-def make_eval_iterator(config: ml_collections.ConfigDict, *, tokenizer: spm.SentencePieceProcessor | None,
+def make_eval_iterator(config: ml_collections.ConfigDict, *, tokenizer: tokenizer_lib.Tokenizer | None,
                        split: sources.ResolvedSplit | None = None, **kwargs) -> BatchIterator:
     """The evaluation stream of `config.data.eval_split` (or of `split`, that split resolved): storage order, one
     pass, `windows` layout (module docstring), so a fresh iterator gives the same batches every time. For

@@ -1,16 +1,25 @@
-"""Loading and reading a SentencePiece tokenizer: what evaluation, sampling and the data pipeline need.
+"""One tokenizer interface for SentencePiece models and Hugging Face `tokenizer.json` files.
 
-A run keeps its own tokenizer in `workdir/tokenizer.model` (`from_workdir`); programs that read a trained run
-(`lm.evaluate`, `lm.generate`) load that copy and never make a new one. Training a tokenizer (which needs the data
-sources) is `lm.data.tokenizer_training`'s job.
+`Tokenizer` is what the data pipeline, evaluation and generation use: `encode` (text -> ids, no special tokens),
+`decode`, `vocab_size`, the special ids `bos_id` / `eos_id` / `pad_id` (None when the tokenizer has none),
+`token_bytes` (what bits per byte divides by), `fingerprint`, `chat_template` and `save`. Two implementations:
 
-A tokenizer is a `sentencepiece.SentencePieceProcessor`: `encode`, `decode`, `vocab_size()`, `bos_id()`, `eos_id()`,
-`pad_id()`, `serialized_model_proto()`.
+- `SentencePieceTokenizer`: a `.model` file (the tokenizers lm trains, `lm.data.tokenizer_training`);
+- `HuggingFaceTokenizer`: a fast tokenizer's `tokenizer.json` (read by the `tokenizers` library) with the special
+  tokens and chat template of its `tokenizer_config.json`, as Hugging Face checkpoints ship them.
+
+A run keeps its own tokenizer in its workdir (`tokenizer.model`, or `tokenizer.json` with `tokenizer_config.json`
+for an imported model); programs that read a run (`lm.evaluate`, `lm.generate`) load that copy with
+`from_workdir` and never make a new one.
 """
 
 from __future__ import annotations
 
+import abc
+import functools
 import hashlib
+import json
+from collections.abc import Sequence
 
 from etils import epath
 import ml_collections
@@ -20,40 +29,199 @@ import sentencepiece as spm
 from lm import paths
 from lm.errors import CheckpointError, ConfigError
 
-WORKDIR_FILENAME = "tokenizer.model"
+SENTENCEPIECE_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
 
 
-def load(path: str, what: str = "config.data.tokenizer.path") -> spm.SentencePieceProcessor:
-    """Loads a SentencePiece `.model` file (local or in a bucket); `what` names where the path came from."""
-    if not epath.Path(path).is_file():
-        raise ConfigError(f"{what}={path!r}: no such SentencePiece model file")
-    return _parse(epath.Path(path).read_bytes(), f"{what}={path!r}", ConfigError)
+class Tokenizer(abc.ABC):
+    """What lm asks of a tokenizer (module docstring)."""
+
+    vocab_size: int  # Number of ids the tokenizer produces (the model's vocabulary may be larger).
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    chat_template: str | None = None  # A Jinja template of the model's chat format, when its files carry one.
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without BOS/EOS (callers add those where a document needs them)."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`; special tokens are dropped."""
+
+    @abc.abstractmethod
+    def token_bytes(self, vocab_size: int) -> np.ndarray:
+        """int64 `[vocab_size]`: UTF-8 bytes of the text each id stands for (0 for special and padded ids), so the
+        bytes of a document's text are the sum over its tokens."""
+
+    @abc.abstractmethod
+    def _files(self) -> dict[str, bytes]:
+        """The files that define this tokenizer, by workdir file name."""
+
+    def fingerprint(self) -> str:
+        """12 hex digits identifying the tokenizer (its files)."""
+        digest = hashlib.sha256()
+        for name, data in sorted(self._files().items()):
+            digest.update(name.encode() + b"\0" + data)
+        return digest.hexdigest()[:12]
+
+    def save(self, workdir: str) -> None:
+        """Writes the tokenizer's files into `workdir`, each atomically."""
+        for name, data in self._files().items():
+            path = paths.resolve(workdir, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            paths.write_atomic(path, data)
 
 
-def _parse(model_proto: bytes, what: str, error: type[Exception]) -> spm.SentencePieceProcessor:
+def _special(token_id: int) -> int | None:
+    return token_id if token_id >= 0 else None
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (`processor` is the `sentencepiece.SentencePieceProcessor`)."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor):
+        self.processor = processor
+        self.vocab_size = processor.vocab_size()
+        self.bos_id, self.eos_id = _special(processor.bos_id()), _special(processor.eos_id())
+        self.pad_id = _special(processor.pad_id())
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.processor.decode(list(ids))
+
+    def token_bytes(self, vocab_size: int) -> np.ndarray:
+        # The tokenizers lm trains are lossless (`lm.data.tokenizer_training`): a piece's bytes are exactly those of
+        # the raw text it encodes. Byte-fallback pieces (<0x0A>) are one byte; others are text with "▁" for a space.
+        p = self.processor
+        table = np.zeros(vocab_size, np.int64)
+        for i in range(p.get_piece_size()):
+            if not (p.is_control(i) or p.is_unknown(i)):
+                table[i] = 1 if p.is_byte(i) else len(p.id_to_piece(i).replace("▁", " ").encode("utf-8"))
+        return table
+
+    def _files(self) -> dict[str, bytes]:
+        return {SENTENCEPIECE_FILE: self.processor.serialized_model_proto()}
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A fast tokenizer: `tokenizer.json` text and the `tokenizer_config.json` text (special tokens, chat
+    template); `what` names where they came from in errors."""
+
+    def __init__(self, tokenizer_json: str, tokenizer_config_json: str | None, what: str):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        try:
+            self.tokenizer = FastTokenizer.from_str(tokenizer_json)
+        except Exception as error:  # The Rust parser's error: not a tokenizer file.
+            raise ConfigError(f"{what} is not a Hugging Face tokenizer.json ({' '.join(str(error).split())[:120]})"
+                              ) from None
+        self._json, self._config_json = tokenizer_json, tokenizer_config_json
+        settings = json.loads(tokenizer_config_json) if tokenizer_config_json else {}
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.pad_id = (self._token_id(settings.get(f"{name}_token"), what)
+                                                 for name in ("bos", "eos", "pad"))
+        self.chat_template = settings.get("chat_template")
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(tokenizer_json).get("decoder"))
+
+    def _token_id(self, token, what: str) -> int | None:
+        if isinstance(token, dict):  # {"content": "<s>", ...} in older files.
+            token = token.get("content")
+        if token is None:
+            return None
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ConfigError(f"{what}: special token {token!r} is not in the vocabulary")
+        return token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, vocab_size: int) -> np.ndarray:
+        table = np.zeros(vocab_size, np.int64)
+        special = {token.content for token in self.tokenizer.get_added_tokens_decoder().values() if token.special}
+        decoder = _byte_decoder()
+        for token, i in self.tokenizer.get_vocab(with_added_tokens=True).items():
+            if token in special or i >= vocab_size:
+                continue
+            if self._byte_level:  # Every character stands for one byte.
+                table[i] = len(token) if all(c in decoder for c in token) else len(token.encode("utf-8"))
+            elif token.startswith("<0x") and token.endswith(">") and len(token) == 6:  # Byte fallback.
+                table[i] = 1
+            else:  # SentencePiece-style pieces: "▁" stands for a space.
+                table[i] = len(token.replace("▁", " ").encode("utf-8"))
+        return table
+
+    def _files(self) -> dict[str, bytes]:
+        files = {HF_FILE: self._json.encode()}
+        if self._config_json is not None:
+            files[HF_CONFIG_FILE] = self._config_json.encode()
+        return files
+
+
+def _parse_sentencepiece(model_proto: bytes, what: str, error: type[Exception]) -> SentencePieceTokenizer:
     try:
-        return spm.SentencePieceProcessor(model_proto=model_proto)
+        return SentencePieceTokenizer(spm.SentencePieceProcessor(model_proto=model_proto))
     except RuntimeError:  # sentencepiece's parse failure
         raise error(f"{what} is not a SentencePiece model ({len(model_proto)} bytes that do not parse)") from None
 
 
-def workdir_path(workdir: str) -> epath.Path:
-    return paths.resolve(workdir, WORKDIR_FILENAME)
+def load(path: str, what: str = "config.data.tokenizer.path") -> Tokenizer:
+    """A tokenizer from `path` (local or in a bucket): a SentencePiece `.model` file, a `tokenizer.json` (with the
+    `tokenizer_config.json` beside it, if any), or a directory holding either; `what` names where the path came
+    from."""
+    path_ = epath.Path(path)
+    if path_.is_dir():
+        for name in (HF_FILE, SENTENCEPIECE_FILE):
+            if (path_ / name).is_file():
+                return load(str(path_ / name), what)
+        raise ConfigError(f"{what}={path!r}: the directory has neither {HF_FILE} nor {SENTENCEPIECE_FILE}")
+    if not path_.is_file():
+        raise ConfigError(f"{what}={path!r}: no such tokenizer file (a SentencePiece .model or a tokenizer.json)")
+    if path_.suffix == ".json":
+        config_path = path_.parent / HF_CONFIG_FILE
+        return HuggingFaceTokenizer(path_.read_text(), config_path.read_text() if config_path.is_file() else None,
+                                    f"{what}={path!r}")
+    return _parse_sentencepiece(path_.read_bytes(), f"{what}={path!r}", ConfigError)
 
 
-def from_workdir(workdir: str) -> spm.SentencePieceProcessor:
-    """The tokenizer a run in `workdir` trained with (`workdir/tokenizer.model`)."""
-    path = workdir_path(workdir)
+def in_workdir(workdir: str) -> bool:
+    """Whether `workdir` holds a tokenizer (`from_workdir` would find one)."""
+    return any(paths.resolve(workdir, name).is_file() for name in (HF_FILE, SENTENCEPIECE_FILE))
+
+
+def from_workdir(workdir: str) -> Tokenizer:
+    """The tokenizer of the run in `workdir`: its `tokenizer.json` (imported models) or `tokenizer.model`."""
+    hf_path = paths.resolve(workdir, HF_FILE)
+    if hf_path.is_file():
+        config_path = paths.resolve(workdir, HF_CONFIG_FILE)
+        return HuggingFaceTokenizer(hf_path.read_text(), config_path.read_text() if config_path.is_file() else None,
+                                    str(hf_path))
+    path = paths.resolve(workdir, SENTENCEPIECE_FILE)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: the run's tokenizer is missing (lm.train copies it there)")
-    return _parse(path.read_bytes(), str(path), CheckpointError)
-
-
-def save_to_workdir(tokenizer: spm.SentencePieceProcessor, workdir: str) -> None:
-    """Writes `workdir/tokenizer.model` atomically."""
-    path = workdir_path(workdir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    paths.write_atomic(path, tokenizer.serialized_model_proto())
+    return _parse_sentencepiece(path.read_bytes(), str(path), CheckpointError)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
@@ -61,34 +229,14 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def check_vocab_size(tokenizer: spm.SentencePieceProcessor | int, config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError when the tokenizer has more pieces than `config.model.vocab_size` embeddings.
+def check_vocab_size(tokenizer: Tokenizer | int, config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError when the tokenizer has more ids than `config.model.vocab_size` embeddings.
 
     A model vocabulary larger than the tokenizer's is fine (e.g. padded with `padded_vocab_size`): the extra rows
     are never looked up and their logits are trained towards -inf.
     """
-    size = tokenizer if isinstance(tokenizer, int) else tokenizer.vocab_size()
+    size = tokenizer if isinstance(tokenizer, int) else tokenizer.vocab_size
     if size > config.model.vocab_size:
         raise ConfigError(
             f"the tokenizer has {size} pieces but config.model.vocab_size={config.model.vocab_size}; set "
             f"config.model.vocab_size >= {size} (e.g. {padded_vocab_size(size)}, a multiple of 128)")
-
-
-def fingerprint(tokenizer: spm.SentencePieceProcessor) -> str:
-    """12 hex digits identifying a tokenizer model (its serialized proto)."""
-    return hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest()[:12]
-
-
-def piece_bytes(tokenizer: spm.SentencePieceProcessor, vocab_size: int) -> np.ndarray:
-    """int64 `[vocab_size]`: UTF-8 bytes of the text each token id stands for (0 for control and padded ids).
-
-    The tokenizers lm trains are lossless (`lm.data.tokenizer_training`), so the bytes of a piece are exactly the
-    bytes of the raw text it encodes: what bits per byte divides by.
-    """
-    table = np.zeros(vocab_size, np.int64)
-    for i in range(tokenizer.get_piece_size()):
-        if tokenizer.is_control(i) or tokenizer.is_unknown(i):
-            continue
-        # Byte-fallback pieces (<0x0A>) are one byte; others are text with "▁" standing for a space.
-        table[i] = 1 if tokenizer.is_byte(i) else len(tokenizer.id_to_piece(i).replace("▁", " ").encode("utf-8"))
-    return table

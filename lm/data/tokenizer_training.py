@@ -1,13 +1,14 @@
 """Training a SentencePiece tokenizer on the configured source, and choosing the one a training run uses.
 
-`get_or_train(config, train_split, workdir=...)` is what the trainer calls. It returns a
-`sentencepiece.SentencePieceProcessor` (see `lm.data.tokenizer`), found in order:
-1. `workdir/tokenizer.model`, if the run already has one (a resumed run);
-2. `config.data.tokenizer.path`, a SentencePiece `.model` file;
+`get_or_train(config, train_split, workdir=...)` is what the trainer calls. It returns an `lm.data.tokenizer.Tokenizer`,
+found in order:
+1. the workdir's own (`tokenizer.model` or `tokenizer.json`), if the run already has one (a resumed run);
+2. `config.data.tokenizer.path`: a SentencePiece `.model` file, a Hugging Face `tokenizer.json`, or a directory with
+   either;
 3. the cache: `<cache>/tokenizers/<source>-v<vocab>-<hash>.model`, where the hash covers the train split's documents
    (its fingerprint) and every training setting; trained there on first use (see `train`).
-With a workdir, the model used is copied to `workdir/tokenizer.model`, so the run keeps its own tokenizer (which is
-all that evaluation and sampling load: `lm.data.tokenizer.from_workdir`).
+With a workdir, the tokenizer's files are copied into it, so the run keeps its own tokenizer (which is all that
+evaluation and sampling load: `lm.data.tokenizer.from_workdir`).
 
 Training (`train`, or `python -m lm.data.tokenizer_training --config=configs/tiny.py --output=PATH`) reads the train
 split in
@@ -82,7 +83,7 @@ def paragraphs(texts: Iterable[str]) -> Iterator[str]:
 
 
 def train(config: ml_collections.ConfigDict, train_split: sources.ResolvedSplit, output: str, *,
-          max_chars: int = DEFAULT_MAX_CHARS) -> spm.SentencePieceProcessor:
+          max_chars: int = DEFAULT_MAX_CHARS) -> tokenizer_lib.SentencePieceTokenizer:
     """Trains a SentencePiece model on `train_split` (`sources.resolve(config, config.data.train_split)`) with the
     settings of `config.data.tokenizer` and writes it to `output`."""
     t = config.data.tokenizer
@@ -95,7 +96,7 @@ def train(config: ml_collections.ConfigDict, train_split: sources.ResolvedSplit,
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     # Write-then-rename, so processes that train the same model at once never read a partial file.
     paths.write_atomic(paths.resolve(output), model)
-    return spm.SentencePieceProcessor(model_proto=model)
+    return tokenizer_lib.SentencePieceTokenizer(spm.SentencePieceProcessor(model_proto=model))
 
 
 def _train_from_texts(sentences: Iterable[str], settings: dict) -> bytes:
@@ -119,13 +120,13 @@ def cached_path(config: ml_collections.ConfigDict, train_split: sources.Resolved
 
 
 def get_or_train(config: ml_collections.ConfigDict, train_split: sources.ResolvedSplit, *,
-                 workdir: str | None = None) -> spm.SentencePieceProcessor:
+                 workdir: str | None = None) -> tokenizer_lib.Tokenizer:
     """The run's tokenizer: workdir copy, else `config.data.tokenizer.path`, else cached or trained on `train_split`
     (module docstring); copied to `workdir/tokenizer.model` when a workdir is given.
 
     Checks `config.model.vocab_size` against it (`lm.data.tokenizer.check_vocab_size`).
     """
-    if workdir and tokenizer_lib.workdir_path(workdir).is_file():
+    if workdir and tokenizer_lib.in_workdir(workdir):
         tokenizer = tokenizer_lib.from_workdir(workdir)
     else:
         if config.data.tokenizer.path:
@@ -135,7 +136,7 @@ def get_or_train(config: ml_collections.ConfigDict, train_split: sources.Resolve
             tokenizer = (tokenizer_lib.load(path, what="the cached tokenizer") if os.path.isfile(path)
                          else train(config, train_split, path))
         if workdir:
-            tokenizer_lib.save_to_workdir(tokenizer, workdir)
+            tokenizer.save(workdir)
     tokenizer_lib.check_vocab_size(tokenizer, config)
     return tokenizer
 
@@ -157,9 +158,9 @@ def main(argv):
     seconds = time.perf_counter() - start
     tokenizer_lib.check_vocab_size(tokenizer, config)
     texts = list(sources.iter_texts(sources.resolve(config, config.data.eval_split), max_chars=5_000_000))
-    tokens = sum(len(ids) for ids in tokenizer.encode(texts))
+    tokens = sum(len(tokenizer.encode(text)) for text in texts)
     chars = sum(len(text) for text in texts)
-    print(f"wrote {output}: {tokenizer.vocab_size()} pieces, trained in {seconds:.1f} s; "
+    print(f"wrote {output}: {tokenizer.vocab_size} pieces, trained in {seconds:.1f} s; "
           f"{config.data.eval_split}: {chars} characters -> {tokens} tokens ({chars / max(tokens, 1):.2f} chars/token)")
 
 
