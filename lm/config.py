@@ -184,6 +184,9 @@ def base_config() -> ml_collections.ConfigDict:
     o.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
     o.microbatches = 1  # Gradient accumulation: the global batch is split into this many sequential micro-batches.
 
+    # Where a new run's weights come from: "" (random init), an lm workdir DIR or DIR:STEP, or a Hugging Face model
+    # directory or hub id; the model fields then come from it too (lm/init_from.py).
+    c.init_from = ""
     c.total_steps = 1000
     c.seed = 0
     c.log_every = 10

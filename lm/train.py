@@ -3,7 +3,8 @@
     python -m lm.train --config=configs/tiny.py --workdir=workdirs/tiny [--config.a.b=value ...]
 
 Reads top to bottom as: build the run (validate the config against the devices; mesh, model, optimizer,
-shardings), open the data and its tokenizer, restore the latest complete checkpoint (or initialise), then loop:
+shardings), open the data and its tokenizer, restore the latest complete checkpoint (or initialise: randomly, or
+from `config.init_from`, `lm/init_from.py`), then loop:
 next batch -> jitted step -> log, evaluate, checkpoint. A workdir that already holds checkpoints is resumed exactly
 (parameters, optimizer state, step and data position); SIGTERM saves a checkpoint at the current step and exits 0.
 
@@ -34,13 +35,15 @@ from lm import checkpoint
 from lm import config as lm_config
 from lm import evaluate as evaluate_lib
 from lm import flops
+from lm import init_from as init_from_lib
 from lm import metrics as metrics_lib
 from lm import sharding as sharding_lib
 from lm import train_step as train_step_lib
 from lm import workdir as workdir_lib
 from lm.data import pipeline, sources
 from lm.data import tokenizer_training
-from lm.errors import ArgumentError, NonFiniteError
+from lm.errors import ArgumentError, CheckpointError, NonFiniteError
+from lm.hf import convert as hf_convert
 
 
 class _Preemption:
@@ -126,8 +129,12 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
     the workdir's lock, its model and checkpoints, the data, tokenizer and evaluation split. `print_sharding` prints
     the per-leaf sharding table; `profile_steps=(start, stop)` records a jax.profiler trace of those steps into
     `workdir/profile` (the CLI flags of the same names)."""
+    config = init_from_lib.with_source_model(config)
     training = train_step_lib.build(config)  # Validates; mesh and shapes checked before any compile.
     workdir_lib.ensure_directory(workdir)
+    if hf_convert.is_imported(workdir):
+        raise CheckpointError(f"{workdir} holds a model imported from Hugging Face (weights only, nothing to resume): "
+                              f"train from it with --config.init_from={workdir} and a new --workdir")
     with contextlib.ExitStack() as resources:
         resources.enter_context(workdir_lib.WorkdirLock(workdir))
         preemption = resources.enter_context(_Preemption())
@@ -143,7 +150,10 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
         _describe(training, abstract_state, print_sharding)
         checkpoints = resources.enter_context(contextlib.closing(checkpoint.manager(workdir, config.keep_checkpoints)))
         restored = checkpoint.restore_latest_state(checkpoints, abstract_state, data)
-        if restored is None:
+        if restored is None and config.init_from:
+            state = training.state_from(init_from_lib.initial_params(config, training.shardings))
+            _log(f"initialized from {config.init_from}")
+        elif restored is None:
             state = training.init_state()
         else:
             step, state = restored

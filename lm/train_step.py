@@ -51,6 +51,12 @@ class Training:
         return init_train_state(self.config, self.model, self.optimizer, self.shardings,
                                 jax.random.key(self.config.seed))
 
+    def state_from(self, params) -> TrainState:
+        """A fresh train state (step 0, new optimizer state) around `params` placed by `shardings.params`."""
+        init = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                         opt_state=self.optimizer.init(params))
+        return jax.jit(init, out_shardings=state_shardings(self.shardings))(params)
+
     def abstract_state(self) -> TrainState:
         """`ShapeDtypeStruct`s of the train state with their shardings (no allocation): the restore target."""
         params = self.shardings.abstract_params

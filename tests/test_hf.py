@@ -63,17 +63,22 @@ def hf_tokenizer():
                                                 pad_token="<pad>")
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def hf_model(request, tmp_path_factory, hf_tokenizer):
-    """`(name, directory, torch model)`: a random model saved with `save_pretrained`, with the tokenizer."""
-    config_class, kwargs = MODELS[request.param]
+def save_hf_model(name, directory, tokenizer):
+    """The random model `MODELS[name]`, saved with `save_pretrained` into `directory` with `tokenizer`."""
+    config_class, kwargs = MODELS[name]
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config_class(**kwargs), attn_implementation="eager")
     model.eval()
-    directory = tmp_path_factory.mktemp("hf") / "model"
     model.save_pretrained(directory)
-    hf_tokenizer.save_pretrained(directory)
-    return request.param, str(directory), model
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def hf_model(request, tmp_path_factory, hf_tokenizer):
+    """`(name, directory, torch model)` of each architecture."""
+    directory = tmp_path_factory.mktemp("hf") / "model"
+    return request.param, str(directory), save_hf_model(request.param, directory, hf_tokenizer)
 
 
 def prompt_tokens(length=PROMPT_LENGTH, batch=2, seed=0):
@@ -217,3 +222,88 @@ def test_evaluate_on_an_imported_model_matches_transformers(hf_model, tmp_path, 
     assert results["tokens"] == tokens and results["bytes"] == text_bytes
     assert abs(results["loss"] - nll / tokens) < 1e-4
     assert abs(results["bits_per_byte"] - nll / np.log(2) / text_bytes) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, hf_tokenizer):
+    directory = tmp_path_factory.mktemp("llama") / "model"
+    save_hf_model("llama3 rope scaling", directory, hf_tokenizer)
+    return directory
+
+
+def test_training_starts_from_an_imported_model_or_a_hugging_face_directory(llama_dir, tmp_path, run_lm):
+    hf_dir = llama_dir
+    imported = tmp_path / "imported"
+    run_lm("lm.hf", "import", f"--hf={hf_dir}", f"--workdir={imported}")
+    run = ["--config=configs/tiny.py", "--config.total_steps=2", "--config.data.seq_len=32", "--config.data.batch_size=8",
+           "--config.eval_every=2", "--config.eval_steps=1", "--config.checkpoint_every=2",
+           "--config.optim.warmup_steps=1", "--config.optim.learning_rate=1e-3"]
+    refused = run_lm("lm.train", f"--workdir={imported}", *run, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "holds a model imported from Hugging Face" in refused.stderr.strip().splitlines()[-1]
+    source = checkpoint.restore(str(imported))
+    for i, init_from in enumerate([str(imported), f"{imported}:0", str(hf_dir)]):
+        workdir = tmp_path / f"run_{i}"
+        result = run_lm("lm.train", f"--workdir={workdir}", *run, f"--config.init_from={init_from}")
+        assert f"initialized from {init_from}" in result.stdout
+        trained = checkpoint.restore(str(workdir))
+        for field in ("vocab_size", "d_model", "num_layers", "num_kv_heads", "rope_scaling", "rope_theta"):
+            assert trained.config.model[field] == source.config.model[field], field
+        assert isinstance(tokenizer_lib.from_workdir(str(workdir)), tokenizer_lib.HuggingFaceTokenizer)
+        # Two Adam steps of 1e-3 move each weight by about 2e-3 at most; a random init would be ~0.1 away.
+        distance = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+                       for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(source.params)))
+        assert 0 < distance < 5e-3, distance
+
+
+def edited_copy(directory, destination, **changes):
+    """A copy of the model directory with `config.json` fields changed."""
+    import shutil
+
+    shutil.copytree(directory, destination)
+    config = json.loads((destination / "config.json").read_text())
+    config.update(changes)
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+@pytest.mark.parametrize("case", ["architecture", "rope type", "sliding window", "shape", "no weights",
+                                  "workdir has checkpoints", "export into a non-empty directory", "no command",
+                                  "no --hf"])
+def test_bad_imports_and_exports_get_one_line(case, llama_dir, tmp_path, run_lm):
+    workdir = tmp_path / "workdir"
+    source = llama_dir
+    if case == "architecture":
+        source, expected = edited_copy(llama_dir, tmp_path / "m", architectures=["FalconForCausalLM"]), \
+            "architecture 'FalconForCausalLM' is not supported"
+    elif case == "rope type":
+        source, expected = edited_copy(llama_dir, tmp_path / "m", rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope scaling type 'yarn' is not supported"
+    elif case == "sliding window":
+        source, expected = edited_copy(llama_dir, tmp_path / "m", architectures=["MistralForCausalLM"],
+                                       model_type="mistral", sliding_window=256), \
+            "sliding_window=256 is shorter than config.model.max_seq_len=1024"
+    elif case == "shape":
+        source, expected = edited_copy(llama_dir, tmp_path / "m", intermediate_size=96), \
+            "down_proj.weight' has shape [64, 128], expected [64, 96] from config.json"
+    elif case == "no weights":
+        source = edited_copy(llama_dir, tmp_path / "m")
+        os.remove(source / "model.safetensors")
+        expected = "has neither model.safetensors nor model.safetensors.index.json"
+    elif case == "workdir has checkpoints":
+        run_lm("lm.hf", "import", f"--hf={llama_dir}", f"--workdir={workdir}")
+        expected = "already holds checkpoints; import into a new workdir"
+    if case == "export into a non-empty directory":
+        run_lm("lm.hf", "import", f"--hf={llama_dir}", f"--workdir={workdir}")
+        args, expected = ["export", f"--workdir={workdir}", f"--out={llama_dir}"], "exists and is not an empty directory"
+    elif case == "no command":
+        args, expected = [f"--hf={source}", f"--workdir={workdir}"], "usage: python -m lm.hf import|export"
+    elif case == "no --hf":
+        args, expected = ["import", f"--workdir={workdir}"], "python -m lm.hf import needs --hf"
+    else:
+        args = ["import", f"--hf={source}", f"--workdir={workdir}"]
+    before = sorted(os.listdir(workdir)) if workdir.exists() else None
+    result = run_lm("lm.hf", *args, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
+    assert (sorted(os.listdir(workdir)) if workdir.exists() else None) == before
