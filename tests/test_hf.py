@@ -4,6 +4,8 @@ greedy generation, and HF -> lm -> HF tensors bit for bit."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,8 @@ from lm import sharding as sharding_lib
 from lm.data import sources
 from lm.data import tokenizer as tokenizer_lib
 from lm.hf import convert
+
+from conftest import REPO, environment
 
 VOCAB = 512
 PROMPT_LENGTH = 512
@@ -50,6 +54,10 @@ MULTILINGUAL = ("The quick brown fox jumps over the lazy dog. Der schnelle braun
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
+    return make_hf_tokenizer()
+
+
+def make_hf_tokenizer():
     """A byte-level BPE tokenizer (as GPT-2, Llama 3 and Qwen2 have) trained here, with BOS/EOS/PAD tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -235,7 +243,8 @@ def test_training_starts_from_an_imported_model_or_a_hugging_face_directory(llam
     hf_dir = llama_dir
     imported = tmp_path / "imported"
     run_lm("lm.hf", "import", f"--hf={hf_dir}", f"--workdir={imported}")
-    run = ["--config=configs/tiny.py", "--config.total_steps=2", "--config.data.seq_len=32", "--config.data.batch_size=8",
+    run = ["--config=configs/tiny.py", "--config.total_steps=2", "--config.data.seq_len=32",
+           "--config.data.batch_size=8",
            "--config.eval_every=2", "--config.eval_steps=1", "--config.checkpoint_every=2",
            "--config.optim.warmup_steps=1", "--config.optim.learning_rate=1e-3"]
     refused = run_lm("lm.train", f"--workdir={imported}", *run, check=False)
@@ -295,7 +304,8 @@ def test_bad_imports_and_exports_get_one_line(case, llama_dir, tmp_path, run_lm)
         expected = "already holds checkpoints; import into a new workdir"
     if case == "export into a non-empty directory":
         run_lm("lm.hf", "import", f"--hf={llama_dir}", f"--workdir={workdir}")
-        args, expected = ["export", f"--workdir={workdir}", f"--out={llama_dir}"], "exists and is not an empty directory"
+        args = ["export", f"--workdir={workdir}", f"--out={llama_dir}"]
+        expected = "exists and is not an empty directory"
     elif case == "no command":
         args, expected = [f"--hf={source}", f"--workdir={workdir}"], "usage: python -m lm.hf import|export"
     elif case == "no --hf":
@@ -307,3 +317,29 @@ def test_bad_imports_and_exports_get_one_line(case, llama_dir, tmp_path, run_lm)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
     assert (sorted(os.listdir(workdir)) if workdir.exists() else None) == before
+
+
+def import_memory(directory, devices, *extra):
+    """The JSON line of tests/hf_import_memory.py for `directory` on `devices` simulated devices."""
+    script = os.path.join(REPO, "tests", "hf_import_memory.py")
+    result = subprocess.run([sys.executable, script, str(directory), *extra],
+                            env=environment(devices), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("devices,zero3", [(1, False), (8, True)], ids=["one device", "8 devices, ZeRO-3"])
+def test_import_holds_under_two_of_the_largest_tensor_beyond_the_model(devices, zero3, tmp_path_factory):
+    """A 530 MB synthetic Llama checkpoint (fp32; the largest tensors, embedding and head, 131 MB). What the import
+    holds beyond the model it builds is the peak resident memory less the memory before and the model's bytes, less
+    the same measured for a tiny checkpoint (the fixed cost of the runtime compiling the placement)."""
+    root = tmp_path_factory.getbasetemp() / "import_memory"
+    big, tiny = root / "big", root / "tiny"
+    if not big.exists():
+        import_memory(big, 1, "--make")
+        import_memory(tiny, 1, "--make", "--d_model=128", "--vocab=1000")
+    flag = ["--zero3"] if zero3 else []
+    measured, fixed = import_memory(big, devices, *flag), import_memory(tiny, devices, *flag)
+    assert measured["model_bytes"] >= 500e6 * (1 if zero3 else devices)
+    held = measured["extra_bytes"] - fixed["extra_bytes"]
+    assert held <= 2 * measured["largest_tensor_bytes"], (held, measured, fixed)

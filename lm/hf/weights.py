@@ -1,9 +1,10 @@
 """Safetensors weights in and out of lm's sharded parameters, a slice at a time.
 
 Import (`load_params`): every parameter is built with `jax.make_array_from_callback`, so each process reads, for
-each of its devices, only the slice of the Hugging Face tensor that device holds (safetensors `get_slice`, opened
-per read so no file stays mapped). A parameter stacked over layers (`scan_layers`) is filled one layer at a time
-into its donated buffer, so the host never holds more than about one tensor beyond the model itself.
+each of its devices, only the rows of the Hugging Face tensor that cover the slice that device holds
+(`SafetensorsReader.read`, one read into one buffer, nothing memory-mapped). A parameter stacked over layers
+(`scan_layers`) is filled one layer at a time into its donated buffer, so the host never holds more than about one
+tensor beyond the model itself (`tests/test_hf.py` measures it).
 
 Export (`save_params`): process 0 writes `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards with
 `model.safetensors.index.json` when the tensors exceed `max_shard_bytes`, one Hugging Face tensor gathered at a
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
+import ml_dtypes
 import numpy as np
 
 from lm.errors import CheckpointError
@@ -27,51 +29,107 @@ from lm.hf import architectures
 from lm.hf.architectures import TensorMap
 
 SINGLE_FILE = "model.safetensors"
+READ_BLOCK_BYTES = 16 * 2**20  # The most read at once for a partial slice.
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def _on_host():
-    """Arrays made by safetensors' flax reader stay on the host CPU, whatever the default backend."""
+    """Arrays handed to safetensors' writer stay on the host CPU, whatever the default backend."""
     return jax.default_device(jax.local_devices(backend="cpu")[0])
 
 
+# safetensors dtype names -> numpy dtypes (bfloat16 through ml_dtypes, which JAX ships).
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
 class SafetensorsReader:
-    """The tensors of a Hugging Face model directory: one `model.safetensors`, or the shards its index names."""
+    """The tensors of a Hugging Face model directory: one `model.safetensors`, or the shards its index names.
+
+    Reads the safetensors layout directly (an 8-byte header length, a JSON header of dtype, shape and byte offsets
+    per tensor, then the row-major data): a slice is one read of the rows it covers, into one buffer. The
+    `safetensors` package's readers cannot slice bfloat16 into numpy, and copy more than once on the way.
+    """
 
     def __init__(self, directory: str):
         self.directory = directory
         index_path = os.path.join(directory, INDEX_FILE)
         if os.path.isfile(index_path):
             with open(index_path) as f:
-                self.files = dict(json.load(f)["weight_map"])
+                files = sorted(set(json.load(f)["weight_map"].values()))
         elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(directory, SINGLE_FILE), framework="flax") as f:
-                self.files = {name: SINGLE_FILE for name in f.keys()}
+            files = [SINGLE_FILE]
         else:
             raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors weights "
                                   f"are read)")
-        self._headers: dict[str, tuple[list[int], str]] = {}
+        # name -> (file path, numpy dtype, shape, first byte of its data in the file)
+        self._tensors: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
+        for file in files:
+            path = os.path.join(directory, file)
+            try:
+                with open(path, "rb") as f:
+                    header_bytes = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(header_bytes))
+            except (OSError, ValueError) as error:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                if entry["dtype"] not in _DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which lm does not read")
+                self._tensors[name] = (path, np.dtype(_DTYPES[entry["dtype"]]), tuple(entry["shape"]),
+                                       8 + header_bytes + entry["data_offsets"][0])
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Tensor name -> the file holding it."""
+        return {name: path for name, (path, *_) in self._tensors.items()}
 
     def names(self) -> list[str]:
-        return sorted(self.files)
-
-    def _open(self, name: str):
-        from safetensors import safe_open
-
-        if name not in self.files:
-            raise CheckpointError(f"{self.directory}: the weights have no tensor {name!r}")
-        return safe_open(os.path.join(self.directory, self.files[name]), framework="flax")
+        return sorted(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with self._open(name) as f:
-            return tuple(f.get_slice(name).get_shape())
+        return self._tensors[name][2]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._tensors[name][1]
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """`tensor[index]` as numpy, in the stored dtype (bfloat16 as `ml_dtypes.bfloat16`)."""
-        with _on_host(), self._open(name) as f:
-            return np.asarray(f.get_slice(name)[index])
+        """`tensor[index]` (a slice per axis), contiguous, in the stored dtype. Whole rows are read straight into
+        the result; when only part of each row is wanted, rows are read a block at a time (at most
+        `READ_BLOCK_BYTES`), so nothing beyond the result and one block is held."""
+        path, dtype, shape, start = self._tensors[name]
+        rows = range(*index[0].indices(shape[0]))
+        inner = tuple(index[1:]) + (slice(None),) * (len(shape) - len(index))
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        whole_rows = all(s.indices(d) == (0, d, 1) for s, d in zip(inner, shape[1:]))
+        step = len(rows) if whole_rows else max(1, READ_BLOCK_BYTES // max(row_bytes, 1))
+        out = None
+        with open(path, "rb") as f:
+            for first in range(0, len(rows), step):
+                block = np.empty((min(step, len(rows) - first), *shape[1:]), dtype)
+                f.seek(start + (rows.start + first) * row_bytes)
+                if f.readinto(memoryview(block.reshape(-1).view(np.uint8))) != block.nbytes:
+                    raise CheckpointError(f"{path}: tensor {name!r} is cut short (the file is truncated)")
+                if whole_rows:
+                    return block
+                part = block[(slice(None), *inner)]
+                if out is None:
+                    out = np.empty((len(rows), *part.shape[1:]), dtype)
+                out[first:first + len(part)] = part
+        return out
+
+    def read_transposed(self, name: str, rows: slice, columns: slice) -> np.ndarray:
+        """`tensor[rows, columns].T` of a 2-D tensor, contiguous, filled a block of rows at a time (at most
+        `READ_BLOCK_BYTES` read at once), so no second whole copy exists."""
+        _, dtype, shape, _ = self._tensors[name]
+        rows_range = range(*rows.indices(shape[0]))
+        out = np.empty((len(range(*columns.indices(shape[1]))), len(rows_range)), dtype)
+        step = max(1, READ_BLOCK_BYTES // (shape[1] * dtype.itemsize))
+        for first in range(0, len(rows_range), step):
+            block = slice(rows_range.start + first, rows_range.start + min(first + step, len(rows_range)))
+            out[:, first:first + step] = self.read(name, (block, columns)).T
+        return out
 
 
 def _flat_range(index: tuple[slice, ...], dims: tuple[int, ...]) -> tuple[int, int, Callable[[np.ndarray], np.ndarray]]:
@@ -101,7 +159,7 @@ def read_shard(reader: SafetensorsReader, tensor: TensorMap, layer: int | None, 
     b_start, b_stop, b_unflatten = _flat_range(index[tensor.split:], shape[tensor.split:])
     b = slice(b_start + offset, b_stop + offset)
     if tensor.transpose:
-        m_ab = reader.read(name, (b, slice(a_start, a_stop))).T
+        m_ab = reader.read_transposed(name, b, slice(a_start, a_stop))
     else:
         m_ab = reader.read(name, (slice(a_start, a_stop), b))
     return _unflatten_last(a_unflatten(m_ab), b_unflatten, len(shape) - tensor.split)
