@@ -22,7 +22,7 @@ from lm import model as model_lib
 from lm import sharding as sharding_lib
 from lm.data import sources
 from lm.data import tokenizer as tokenizer_lib
-from lm.hf import convert
+from lm.hf import convert, weights
 
 from conftest import REPO, environment
 
@@ -170,6 +170,20 @@ def read_all(directory):
     return tensors
 
 
+def test_unscanned_layers_import_and_export_like_scanned_ones(hf_model, tmp_path):
+    """`scan_layers=False` (one parameter subtree per layer) reads and writes the same tensors."""
+    _, directory, model = hf_model
+    config = convert.config_for(directory, {**FP32, "model.scan_layers": False})
+    params, _ = convert.load_params(directory, config)
+    assert "layers_1" in params and "layers" not in params
+    tokens_bt = prompt_tokens(length=64)
+    np.testing.assert_allclose(lm_logits(config, params, tokens_bt), hf_logits(model, tokens_bt), atol=1e-4, rtol=0)
+    weights.save_params(params, config, str(tmp_path), max_shard_bytes=10**9)
+    original, exported = read_all(directory), read_all(tmp_path)
+    assert sorted(exported) == sorted(original)
+    assert all(np.array_equal(exported[key], original[key]) for key in original)
+
+
 def test_import_on_a_2x2x2_mesh_equals_import_on_one_device(hf_model):
     name, directory, _ = hf_model
     config = convert.config_for(directory, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
@@ -247,6 +261,8 @@ def test_training_starts_from_an_imported_model_or_a_hugging_face_directory(llam
            "--config.data.batch_size=8",
            "--config.eval_every=2", "--config.eval_steps=1", "--config.checkpoint_every=2",
            "--config.optim.warmup_steps=1", "--config.optim.learning_rate=1e-3"]
+    sampled = run_lm("lm.generate", f"--workdir={imported}", "--prompt=Der schnelle", "--max_new_tokens=8")
+    assert "(step 0)\nDer schnelle" in sampled.stdout
     refused = run_lm("lm.train", f"--workdir={imported}", *run, check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "holds a model imported from Hugging Face" in refused.stderr.strip().splitlines()[-1]
