@@ -184,6 +184,23 @@ def test_unscanned_layers_import_and_export_like_scanned_ones(hf_model, tmp_path
     assert all(np.array_equal(exported[key], original[key]) for key in original)
 
 
+def test_bfloat16_weights_stay_bfloat16_both_ways(hf_tokenizer, tmp_path):
+    directory, workdir, out = tmp_path / "hf", str(tmp_path / "workdir"), str(tmp_path / "exported")
+    model = save_hf_model("qwen2", directory, hf_tokenizer).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    config = convert.import_checkpoint(str(directory), workdir)
+    assert config.model.param_dtype == "bfloat16"
+    assert {leaf.dtype for leaf in jax.tree.leaves(checkpoint.restore(workdir).params)} == {jnp.dtype(jnp.bfloat16)}
+    convert.export_checkpoint(workdir, out)
+    with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as exported, \
+            safe_open(os.path.join(directory, "model.safetensors"), framework="pt") as original:
+        assert sorted(exported.keys()) == sorted(original.keys())
+        for key in original.keys():
+            a, b = original.get_tensor(key), exported.get_tensor(key)
+            assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), key
+    assert json.loads(open(os.path.join(out, "config.json")).read())["dtype"] == "bfloat16"
+
+
 def test_import_on_a_2x2x2_mesh_equals_import_on_one_device(hf_model):
     name, directory, _ = hf_model
     config = convert.config_for(directory, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})

@@ -113,7 +113,7 @@ def test_a_second_trainer_on_a_workdir_exits_at_once_naming_the_first(tmp_path, 
         started = time.time()
         second = subprocess.run(lm_command("lm.train", f"--workdir={workdir}", *RUN, "--config.total_steps=100000"),
                                 env=environment(), capture_output=True, text=True, timeout=120)
-        assert time.time() - started < 10 + 5  # Under 10 s of its own, plus the interpreter's start on a busy CPU.
+        assert time.time() - started < 10  # The acceptance bound, interpreter start included (about 3 s here).
         assert_one_line_error(second, f"is in use by lm.train pid {first.pid} on host")
         assert first.poll() is None, "the first trainer kept running"
         # The first run keeps writing checkpoints and metrics; the second wrote nothing.
