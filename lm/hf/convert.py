@@ -26,8 +26,8 @@ from lm import paths
 from lm import sharding as sharding_lib
 from lm import workdir as workdir_lib
 from lm.errors import CheckpointError, ConfigError
-from lm.hf import architectures
-from lm.hf import weights
+import lm.hf.architectures as architectures
+import lm.hf.weights as weights
 
 HF_DIR = "hf"  # In an imported workdir: the model's own Hugging Face config files.
 HF_CONFIG_FILES = ("config.json", "generation_config.json")

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from lm.errors import CheckpointError
-from lm.hf import architectures
+import lm.hf.architectures as architectures
 from lm.hf.architectures import TensorMap
 
 SINGLE_FILE = "model.safetensors"
