@@ -8,12 +8,14 @@ with exit code 1 and no traceback:
 - an error while parsing the command line, which also runs the `--config=path.py` file and applies its
   `--config.a.b=value` overrides (a missing or broken config file, an unknown field).
 Ctrl-C outside a training loop (which saves first; a second Ctrl-C there stops it at once) prints `interrupted` and
-exits 130. Other exceptions are bugs and
-keep their traceback. `--verbose` (or `LM_VERBOSE=1`) shows the traceback of the one-line errors too, for bug reports.
+exits 130. Other exceptions are bugs and keep their traceback; asyncio's own error log (orbax's failed sibling reads
+of a damaged checkpoint) is silenced. `--verbose` (or `LM_VERBOSE=1`) shows the traceback of the one-line errors
+too, and asyncio's log, for bug reports.
 """
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 from typing import Callable
@@ -75,6 +77,11 @@ def run(main: Callable[[list[str]], None]) -> None:
 
     def shell(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
+        if not (_VERBOSE.value or _verbose(argv)):
+            # When one read of a damaged checkpoint fails, orbax's sibling reads fail too; asyncio logs those
+            # ("Task exception was never retrieved", with a traceback) whenever the garbage collector meets them,
+            # after lm has already handled the first error in one line.
+            std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
         try:
             distributed.initialize()
             main(argv)
