@@ -8,9 +8,10 @@ with exit code 1 and no traceback:
 - an error while parsing the command line, which also runs the `--config=path.py` file and applies its
   `--config.a.b=value` overrides (a missing or broken config file, an unknown field).
 Ctrl-C outside a training loop (which saves first; a second Ctrl-C there stops it at once) prints `interrupted` and
-exits 130. Other exceptions are bugs and keep their traceback; asyncio's own error log (orbax's failed sibling reads
-of a damaged checkpoint) is silenced. `--verbose` (or `LM_VERBOSE=1`) shows the traceback of the one-line errors
-too, and asyncio's log, for bug reports.
+exits 130. Other exceptions are bugs and keep their traceback. What orbax's failed sibling reads of a damaged
+checkpoint print after lm has handled the first failure is silenced: asyncio's error log, and tensorstore's traceback
+of "Event loop is closed" from its own threads. `--verbose` (or `LM_VERBOSE=1`) shows the traceback of the one-line
+errors too, and those, for bug reports.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
+import threading
 from typing import Callable
 
 from absl import app, flags, logging
@@ -39,6 +41,30 @@ def _fail(message: str, code: int = 1) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
+
+
+def _is_closed_loop_callback(error: BaseException | None) -> bool:
+    """True for the error a tensorstore read that finished after orbax closed its event loop raises in tensorstore's
+    thread (orbax runs each restore in its own loop and closes it at the first failed read; the sibling reads of a
+    damaged checkpoint complete later and deliver their results to the closed loop)."""
+    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+            and threading.current_thread() is not threading.main_thread())
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """Tensorstore prints such an error with `PyErr_Print` (which calls `sys.excepthook`) or `PyErr_WriteUnraisable`
+    (`sys.unraisablehook`): both hooks skip it and pass every other error on."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(kind, error, traceback):
+        if not _is_closed_loop_callback(error):
+            excepthook(kind, error, traceback)
+
+    def quiet_unraisablehook(unraisable):
+        if not _is_closed_loop_callback(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -82,6 +108,7 @@ def run(main: Callable[[list[str]], None]) -> None:
             # ("Task exception was never retrieved", with a traceback) whenever the garbage collector meets them,
             # after lm has already handled the first error in one line.
             std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+            _silence_closed_loop_callbacks()
         try:
             distributed.initialize()
             main(argv)
