@@ -17,7 +17,9 @@ both in one call. An evaluation reads `config.data.eval_split` from the start ea
 Padding has weight 0 and is not counted.
 
 Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the evaluated target tokens' text
-(`Tokenizer.token_bytes`; BOS/EOS/padding have none), so it compares models with different tokenizers. The
+(`Tokenizer.token_bytes`; BOS/EOS/padding have none; a document's first token, the target after BOS, less the space
+a SentencePiece-style tokenizer puts in front of every text, `Tokenizer.prefix_bytes`), so it compares models with
+different tokenizers. The
 unigram entropy of the evaluated targets is the loss of the best model that ignores context: the bar to clear.
 """
 
@@ -82,6 +84,8 @@ class Evaluator:
         model = model_lib.build(config) if model is None else model
         self._eval_step = make_eval_step(config, model, shardings)
         self._bytes_per_id = None if tokenizer is None else tokenizer.token_bytes(config.model.vocab_size)
+        # Without BOS a document's first token is never a target, so its prefix is never counted.
+        self._prefix_bytes = 0 if tokenizer is None or tokenizer.bos_id is None else tokenizer.prefix_bytes()
 
     def __call__(self, params) -> dict[str, float]:
         """`loss` (mean nats per token), `perplexity`, `accuracy`, `tokens`, `batches`, and with a tokenizer
@@ -90,12 +94,16 @@ class Evaluator:
         iterator = pipeline.make_eval_iterator(config, tokenizer=self.tokenizer, split=self.split)
         totals, batches = None, 0
         target_counts_v = np.zeros(config.model.vocab_size, np.float64)
+        document_starts = 0.0  # Weighted targets that follow BOS: the first token of a document.
         with contextlib.closing(iterator):
             for batch in _batches_on_every_process(iterator, config.eval_steps):
                 sums = self._eval_step(params, pipeline.to_global_arrays(batch, self.shardings.batch))
                 totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
                 target_counts_v += np.bincount(batch["targets"].ravel(), batch["weights"].ravel().astype(np.float64),
                                                minlength=config.model.vocab_size)
+                if self._prefix_bytes:  # (An empty document's EOS after BOS has no prefix.)
+                    starts = (batch["inputs"] == self.tokenizer.bos_id) & (self._bytes_per_id[batch["targets"]] > 0)
+                    document_starts += float(batch["weights"][starts].sum())
                 batches += 1
         if config.eval_steps != -1 and batches < config.eval_steps:
             logging.warning("config.eval_steps=%d, but split %r ends after %d batches: evaluated the whole split once",
@@ -107,8 +115,9 @@ class Evaluator:
                    "accuracy": float(totals["correct_sum"]) / max(tokens, 1.0), "tokens": tokens, "batches": batches}
         if self._bytes_per_id is not None:
             # Each process counted its own rows; the loss sums are already global, the host-side counts are not.
-            target_counts_v = _sum_over_processes(target_counts_v)
-            text_bytes = float(self._bytes_per_id @ target_counts_v)
+            summed = _sum_over_processes(np.append(target_counts_v, document_starts))
+            target_counts_v, document_starts = summed[:-1], summed[-1]
+            text_bytes = float(self._bytes_per_id @ target_counts_v) - self._prefix_bytes * document_starts
             probs = target_counts_v[target_counts_v > 0] / target_counts_v.sum()
             results.update(bytes=text_bytes, bits_per_byte=float(totals["nll_sum"]) / math.log(2) / max(text_bytes, 1.0),
                            unigram_entropy=float(-(probs * np.log(probs)).sum()))

@@ -25,14 +25,13 @@ from lm.hf import convert  # noqa: E402
 
 
 def main() -> None:
-    tokenizer = test_hf.make_hf_tokenizer()
     print("| model | max logit error | relative to largest logit | transformers fp32 vs fp64 | 32 greedy tokens | "
           "HF -> lm -> HF |")
     print("|---|---|---|---|---|---|")
     for name in test_hf.MODELS:
         with tempfile.TemporaryDirectory() as root:
             directory = os.path.join(root, "hf")
-            model = test_hf.save_hf_model(name, directory, tokenizer)
+            model = test_hf.save_hf_model(name, directory, test_hf.make_tokenizer(name))
             workdir = os.path.join(root, "workdir")
             convert.import_checkpoint(directory, workdir, test_hf.FP32)
             restored = checkpoint.restore(workdir)

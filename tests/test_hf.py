@@ -17,6 +17,7 @@ import transformers
 
 from lm import checkpoint
 from lm import config as lm_config
+from lm import errors as lm_errors
 from lm import generate as generate_lib
 from lm import model as model_lib
 from lm import sharding as sharding_lib
@@ -71,6 +72,42 @@ def make_hf_tokenizer():
                                                 pad_token="<pad>")
 
 
+SENTENCEPIECE_STYLES = ("prepend", "metaspace")
+
+
+def make_sentencepiece_style_tokenizer(style="prepend"):
+    """A BPE tokenizer of SentencePiece's kind as transformers converts them to `tokenizer.json`: spaces are "▁",
+    a "▁" goes in front of every text, characters outside the vocabulary fall back to byte pieces `<0xNN>`, and
+    decoding drops the leading space again. `prepend` as Llama 2 and Mistral 7B v0.1 (a `Prepend` normalizer),
+    `metaspace` as newer conversions (a `Metaspace` pre-tokenizer that prepends to the first word)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    if style == "prepend":
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    # A small alphabet, so that the rarer characters of the text are spelled in byte pieces.
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials + byte_pieces, limit_alphabet=40)
+    tokenizer.train_from_iterator([MULTILINGUAL * 3, "hello world, the model reads text"] * 20, trainer)
+    spec = json.loads(tokenizer.to_str())
+    # The trainer lists the byte pieces as added tokens; in SentencePiece models they are ordinary pieces.
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["content"] in specials]
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+def make_tokenizer(name):
+    """The tokenizer saved with `MODELS[name]`: SentencePiece-style for Mistral (as Mistral's own), byte-level BPE
+    for the others."""
+    return make_sentencepiece_style_tokenizer() if name == "mistral" else make_hf_tokenizer()
+
+
 def save_hf_model(name, directory, tokenizer):
     """The random model `MODELS[name]`, saved with `save_pretrained` into `directory` with `tokenizer`."""
     config_class, kwargs = MODELS[name]
@@ -83,10 +120,10 @@ def save_hf_model(name, directory, tokenizer):
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def hf_model(request, tmp_path_factory, hf_tokenizer):
-    """`(name, directory, torch model)` of each architecture."""
+def hf_model(request, tmp_path_factory):
+    """`(name, directory, torch model)` of each architecture, saved with `make_tokenizer(name)`."""
     directory = tmp_path_factory.mktemp("hf") / "model"
-    return request.param, str(directory), save_hf_model(request.param, directory, hf_tokenizer)
+    return request.param, str(directory), save_hf_model(request.param, directory, make_tokenizer(request.param))
 
 
 def prompt_tokens(length=PROMPT_LENGTH, batch=2, seed=0):
@@ -160,6 +197,63 @@ def test_hf_to_lm_to_hf_is_bit_identical(hf_model, tmp_path):
     np.testing.assert_array_equal(hf_logits(reloaded.eval(), tokens_bt), hf_logits(model, tokens_bt))
 
 
+def test_a_run_of_lm_exports_with_its_own_tokenizer(small_run, tmp_path):
+    """A run trained by lm (its own SentencePiece tokenizer, 8 devices) exports as a LlamaForCausalLM: transformers
+    computes lm's logits, and AutoTokenizer encodes and decodes as lm's tokenizer, BOS first."""
+    out = str(tmp_path / "exported")
+    convert.export_checkpoint(small_run, out)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, output_loading_info=True, attn_implementation="eager", dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(model).__name__ == "LlamaForCausalLM"
+    restored = checkpoint.restore(small_run)
+    config = restored.config.copy_and_resolve_references()
+    config.model.dtype = "float32"
+    tokens_bt = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, config.data.seq_len))
+    expected, got = hf_logits(model.eval(), tokens_bt), lm_logits(config, restored.params, tokens_bt)
+    assert np.abs(got - expected).max() <= 1e-4 and np.abs(expected).max() > 0.5
+
+    ours = tokenizer_lib.from_workdir(small_run)
+    reference = transformers.AutoTokenizer.from_pretrained(out)
+    text = MULTILINGUAL + "def f(x):\n        return  x  +  1\n\n"
+    ids = ours.encode(text)
+    assert reference.encode(text, add_special_tokens=False) == ids
+    assert reference(text).input_ids == [ours.bos_id, *ids]
+    assert reference.decode(ids) == ours.decode(ids) == text
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
+        ours.bos_id, ours.eos_id, ours.pad_id) == (reference.bos_token_id, reference.eos_token_id,
+                                                   reference.pad_token_id)
+
+
+@pytest.mark.parametrize("settings", [{}, {"add_dummy_prefix": True}, {"normalization_rule_name": "nmt_nfkc"}],
+                         ids=["lm's own", "dummy prefix", "nfkc"])
+def test_sentencepiece_bpe_models_convert_to_tokenizer_json_exactly(settings, tmp_path):
+    import io
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    from lm.data import tokenizer_training
+    from lm.hf import sentencepiece
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([MULTILINGUAL * 2, "def f(x):\n    return  x  +  1\n\n" * 3] * 10),
+        model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2,
+        unk_id=3, **{**tokenizer_training._TRAINER_OPTIONS, **settings})
+    ours = tokenizer_lib.SentencePieceTokenizer(spm.SentencePieceProcessor(model_proto=model.getvalue()))
+    if settings.get("normalization_rule_name") == "nmt_nfkc":
+        with pytest.raises(lm_errors.ConfigError, match="normalizes text \\(rule 'nmt_nfkc'"):
+            sentencepiece.convert(ours, 1024)
+        return
+    fast = Tokenizer.from_str(sentencepiece.convert(ours, 1024)[tokenizer_lib.HF_FILE].decode())
+    for text in (MULTILINGUAL, "  two leading spaces", "trailing  ", "x = 12345 +  3.14\n\n\n\tend", "ü"):
+        ids = ours.encode(text)
+        assert fast.encode(text, add_special_tokens=False).ids == ids, text
+        assert fast.decode(ids) == ours.decode(ids), text
+    assert any(piece.startswith("<0x") for piece in map(fast.id_to_token, ours.encode("€")))
+
+
 def read_all(directory):
     tensors = {}
     for file in os.listdir(directory):
@@ -226,8 +320,29 @@ def test_imported_tokenizer_encodes_and_decodes_like_transformers(hf_model, tmp_
     assert tokenizer.decode(tokenizer.encode(MULTILINGUAL)) == MULTILINGUAL
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
         reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+    sentencepiece_style = "▁" in "".join(reference.convert_ids_to_tokens(reference.encode("a b")))
+    assert tokenizer.prefix_bytes() == (1 if sentencepiece_style else 0)
     table = tokenizer.token_bytes(VOCAB)
-    assert table[tokenizer.encode(MULTILINGUAL)].sum() == len(MULTILINGUAL.encode("utf-8"))
+    assert table[tokenizer.encode(MULTILINGUAL)].sum() - tokenizer.prefix_bytes() == len(MULTILINGUAL.encode("utf-8"))
+
+
+@pytest.mark.parametrize("style", SENTENCEPIECE_STYLES)
+def test_sentencepiece_style_tokenizers_encode_like_transformers_and_count_the_text_bytes(style, tmp_path):
+    """Both ways transformers writes SentencePiece models as tokenizer.json; the dummy prefix "▁" that encoding puts
+    in front of a text is no byte of it, and byte-fallback pieces are one byte each."""
+    make_sentencepiece_style_tokenizer(style).save_pretrained(tmp_path)
+    tokenizer = tokenizer_lib.load(str(tmp_path))
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = tokenizer.encode(MULTILINGUAL)
+    assert ids == reference.encode(MULTILINGUAL, add_special_tokens=False)
+    assert any(piece.startswith("<0x") for piece in reference.convert_ids_to_tokens(ids)), "no byte fallback tested"
+    assert tokenizer.decode(ids) == MULTILINGUAL
+    assert tokenizer.prefix_bytes() == 1
+    table = tokenizer.token_bytes(VOCAB)
+    for text in (MULTILINGUAL, "a", "Der schnelle", "🦊 and 素早い"):
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert table[ids].sum() - tokenizer.prefix_bytes() == len(text.encode("utf-8")), text
 
 
 DOCUMENTS = [f"Document {i}: " + MULTILINGUAL[i * 7:i * 7 + 60 + 5 * i] for i in range(12)]
@@ -350,6 +465,36 @@ def test_bad_imports_and_exports_get_one_line(case, llama_dir, tmp_path, run_lm)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
     assert (sorted(os.listdir(workdir)) if workdir.exists() else None) == before
+
+
+def test_a_hub_id_is_downloaded_with_huggingface_hub(llama_dir, tmp_path, monkeypatch):
+    """Offline here: `snapshot_download` is replaced by one that serves the local model directory, or that fails as
+    it does without a network."""
+    import huggingface_hub
+
+    asked = []
+
+    def serve(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(llama_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", serve)
+    convert.import_checkpoint("org/tiny-llama", str(tmp_path / "from_hub"))
+    convert.import_checkpoint(str(llama_dir), str(tmp_path / "from_directory"))
+    assert asked == [("org/tiny-llama", convert.HUB_FILES)]
+    from_hub, from_directory = (checkpoint.restore(str(tmp_path / name)) for name in ("from_hub", "from_directory"))
+    assert from_hub.config.model.to_dict() == from_directory.config.model.to_dict()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 from_hub.params, from_directory.params)
+
+    def offline(repo_id, allow_patterns):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach huggingface.co and no cached copy")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(lm_errors.ConfigError, match="could not be downloaded from the Hugging Face hub "
+                                                    r"\(LocalEntryNotFoundError: cannot reach"):
+        convert.import_checkpoint("org/tiny-llama", str(tmp_path / "offline"))
+    assert not (tmp_path / "offline").exists()
 
 
 def import_memory(directory, devices, *extra):

@@ -2,7 +2,7 @@
 
 `Tokenizer` is what the data pipeline, evaluation and generation use: `encode` (text -> ids, no special tokens),
 `decode`, `vocab_size`, the special ids `bos_id` / `eos_id` / `pad_id` (None when the tokenizer has none),
-`token_bytes` (what bits per byte divides by), `fingerprint`, `chat_template` and `save`. Two implementations:
+`token_bytes` and `prefix_bytes` (what bits per byte divides by), `fingerprint`, `chat_template` and `save`. Two implementations:
 
 - `SentencePieceTokenizer`: a `.model` file (the tokenizers lm trains, `lm.data.tokenizer_training`);
 - `HuggingFaceTokenizer`: a fast tokenizer's `tokenizer.json` (read by the `tokenizers` library) with the special
@@ -55,6 +55,13 @@ class Tokenizer(abc.ABC):
     def token_bytes(self, vocab_size: int) -> np.ndarray:
         """int64 `[vocab_size]`: UTF-8 bytes of the text each id stands for (0 for special and padded ids), so the
         bytes of a document's text are the sum over its tokens."""
+
+    def prefix_bytes(self) -> int:
+        """Bytes a text's first token stands for that are not in the text: 1 for SentencePiece-style tokenizers
+        that put "▁" (a space) in front of every text they encode and drop it again when decoding (Llama 2,
+        Mistral), else 0. So the bytes of a document are `token_bytes` summed over its tokens less this."""
+        ids = self.encode("a")
+        return int(self.token_bytes(self.vocab_size)[ids].sum()) - len(self.decode(ids).encode("utf-8"))
 
     @abc.abstractmethod
     def _files(self) -> dict[str, bytes]:

@@ -7,7 +7,9 @@ files, and `hf/` (the model's own `config.json` and `generation_config.json`, ke
 
 `export_checkpoint(workdir, out)` writes a checkpoint of any lm run whose model has a Hugging Face architecture as a
 directory `transformers.AutoModelForCausalLM.from_pretrained` loads: `config.json`, safetensors weights (sharded,
-with their index, past `max_shard_bytes`), `generation_config.json` and the tokenizer files when the run has them.
+with their index, past `max_shard_bytes`), `generation_config.json` and the tokenizer files when the run has them;
+a run's own SentencePiece `tokenizer.model` is also converted to the `tokenizer.json` and `tokenizer_config.json`
+that `transformers.AutoTokenizer` loads (`lm.hf.sentencepiece`), and its special token ids go into `config.json`.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from lm import config as lm_config
 from lm import paths
 from lm import sharding as sharding_lib
 from lm import workdir as workdir_lib
+from lm.data import tokenizer as tokenizer_lib
 from lm.errors import CheckpointError, ConfigError
 import lm.hf.architectures as architectures
+import lm.hf.sentencepiece as sentencepiece
 import lm.hf.weights as weights
 
 HF_DIR = "hf"  # In an imported workdir: the model's own Hugging Face config files.
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+HUB_FILES = ["*.json", "model*.safetensors", "tokenizer.model"]  # What an import downloads of a hub repository.
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # As transformers' save_pretrained.
 
 
@@ -45,7 +50,8 @@ def resolve_source(source: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+        # transformers' weight files only: Mistral's repositories also carry a consolidated.safetensors of their own.
+        return snapshot_download(source, allow_patterns=HUB_FILES)
     except Exception as error:  # Offline, unknown repository, gated model: the hub says which.
         message = " ".join(str(error).split())[:200]
         raise ConfigError(f"--hf={source!r} is not a local directory and could not be downloaded from the Hugging "
@@ -125,6 +131,10 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None,
     base_path = paths.resolve(workdir, HF_DIR, "config.json")
     base = json.loads(base_path.read_text()) if base_path.exists() else None
     hf_config = architectures.hf_config_from(config, base)  # Fails before anything is read if there is none.
+    tokenizer_files = _tokenizer_files(workdir, config)
+    if base is None and tokenizer_lib.in_workdir(workdir):  # An imported model's file has its own ids.
+        tokenizer = tokenizer_lib.from_workdir(workdir)
+        hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     restored = checkpoint.restore(workdir, step)
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
@@ -135,9 +145,19 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None,
         generation = paths.resolve(workdir, HF_DIR, "generation_config.json")
         if generation.exists():
             shutil.copyfile(generation, os.path.join(out, "generation_config.json"))
-        for name in TOKENIZER_FILES:
-            if paths.resolve(workdir, name).exists():
-                shutil.copyfile(paths.resolve(workdir, name), os.path.join(out, name))
+        for name, data in tokenizer_files.items():
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(data)
+    return files
+
+
+def _tokenizer_files(workdir: str, config: ml_collections.ConfigDict) -> dict[str, bytes]:
+    """The tokenizer files an export of `workdir` writes, by name: those it has, and for a SentencePiece
+    `tokenizer.model` without a `tokenizer.json` (a run's own tokenizer) the converted fast tokenizer."""
+    files = {name: paths.resolve(workdir, name).read_bytes() for name in TOKENIZER_FILES
+             if paths.resolve(workdir, name).exists()}
+    if tokenizer_lib.SENTENCEPIECE_FILE in files and tokenizer_lib.HF_FILE not in files:
+        files.update(sentencepiece.convert(tokenizer_lib.from_workdir(workdir), config.model.max_seq_len))
     return files
 
 
