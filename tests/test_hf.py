@@ -247,7 +247,7 @@ def test_sentencepiece_bpe_models_convert_to_tokenizer_json_exactly(settings, tm
             sentencepiece.convert(ours, 1024)
         return
     fast = Tokenizer.from_str(sentencepiece.convert(ours, 1024)[tokenizer_lib.HF_FILE].decode())
-    for text in (MULTILINGUAL, "  two leading spaces", "trailing  ", "x = 12345 +  3.14\n\n\n\tend", "ü"):
+    for text in (MULTILINGUAL, "  two leading spaces", "trailing  ", "x = 12345 +  3.14\n\n\n\tend", "unseen: € ß"):
         ids = ours.encode(text)
         assert fast.encode(text, add_special_tokens=False).ids == ids, text
         assert fast.decode(ids) == ours.decode(ids), text
