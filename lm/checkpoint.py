@@ -23,7 +23,6 @@ import dataclasses
 from typing import Any
 
 from absl import logging
-import grain
 import jax
 import ml_collections
 import optax
@@ -50,6 +49,8 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, co
     """Starts an asynchronous save of step `step` (returns before the arrays are written); every process calls it.
 
     `data_iterator` (a `BatchIterator`) has its state read now, by each process for its own shard."""
+    import grain  # Here, not at the top: programs that only read weights (and the GPU check) run without grain.
+
     checkpoints.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -78,6 +79,8 @@ def restore_latest_state(checkpoints: ocp.CheckpointManager, abstract_state, dat
     save that step again; nothing is deleted. Raises CheckpointError (or the data's IteratorStateError) when the
     config does not fit the checkpoints.
     """
+    import grain
+
     steps = checkpoints.all_steps()
     if not steps:
         return None

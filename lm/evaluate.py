@@ -93,17 +93,18 @@ class Evaluator:
         config = self.config
         iterator = pipeline.make_eval_iterator(config, tokenizer=self.tokenizer, split=self.split)
         totals, batches = None, 0
-        target_counts_v = np.zeros(config.model.vocab_size, np.float64)
-        document_starts = 0.0  # Weighted targets that follow BOS: the first token of a document.
+        # Evaluated targets per id and those that follow BOS (a document's first token), counted exactly.
+        target_counts_v = np.zeros(config.model.vocab_size, np.int64)
+        document_starts = 0
         with contextlib.closing(iterator):
             for batch in _batches_on_every_process(iterator, config.eval_steps):
                 sums = self._eval_step(params, pipeline.to_global_arrays(batch, self.shardings.batch))
                 totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-                target_counts_v += np.bincount(batch["targets"].ravel(), batch["weights"].ravel().astype(np.float64),
-                                               minlength=config.model.vocab_size)
+                evaluated = batch["weights"] > 0
+                target_counts_v += np.bincount(batch["targets"][evaluated], minlength=config.model.vocab_size)
                 if self._prefix_bytes:  # (An empty document's EOS after BOS has no prefix.)
                     starts = (batch["inputs"] == self.tokenizer.bos_id) & (self._bytes_per_id[batch["targets"]] > 0)
-                    document_starts += float(batch["weights"][starts].sum())
+                    document_starts += int(np.sum(starts & evaluated))
                 batches += 1
         if config.eval_steps != -1 and batches < config.eval_steps:
             logging.warning("config.eval_steps=%d, but split %r ends after %d batches: evaluated the whole split once",
@@ -117,7 +118,7 @@ class Evaluator:
             # Each process counted its own rows; the loss sums are already global, the host-side counts are not.
             summed = _sum_over_processes(np.append(target_counts_v, document_starts))
             target_counts_v, document_starts = summed[:-1], summed[-1]
-            text_bytes = float(self._bytes_per_id @ target_counts_v) - self._prefix_bytes * document_starts
+            text_bytes = float(self._bytes_per_id @ target_counts_v - self._prefix_bytes * document_starts)
             probs = target_counts_v[target_counts_v > 0] / target_counts_v.sum()
             results.update(bytes=text_bytes, bits_per_byte=float(totals["nll_sum"]) / math.log(2) / max(text_bytes, 1.0),
                            unigram_entropy=float(-(probs * np.log(probs)).sum()))
@@ -140,10 +141,13 @@ def _batches_on_every_process(iterator: pipeline.BatchIterator, limit: int) -> I
         count += 1
 
 
-def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+def _sum_over_processes(counts: np.ndarray) -> np.ndarray:
+    """int64 counts summed over processes exactly. The gather goes through JAX, whose integers are 32-bit unless x64
+    is on (and whose floats would be fp32: counts above 2^24 would round), so each process's counts must be below
+    2^31."""
     if jax.process_count() == 1:
-        return values
-    return np.sum(multihost_utils.process_allgather(values), axis=0)
+        return counts
+    return np.sum(multihost_utils.process_allgather(counts.astype(np.int32)), axis=0, dtype=np.int64)
 
 
 def evaluate(config: ml_collections.ConfigDict, params, *, tokenizer: tokenizer_lib.Tokenizer | None = None,

@@ -124,6 +124,26 @@ HBM_BYTES = (
 )
 
 
+# Memory bandwidth of one device in bytes/s, from the same datasheets: H100 SXM 3.35 TB/s, H100 PCIe 2.0, H200 4.8,
+# A100 40 GB 1.555 and 80 GB 2.039 (SXM); Google Cloud TPU docs: v4 1,228 GB/s, v5e 819, v5p 2,765, v6e 1,640.
+# Decoding one token per row reads every parameter and the KV cache once: the bound batch-1 decoding runs at.
+HBM_BYTES_PER_SECOND = (
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("H200", 4.8e12),
+    ("A100-SXM4-40GB", 1.555e12),
+    ("A100-PCIE-40GB", 1.555e12),
+    ("A100", 2.039e12),
+    ("TPU v4", 1.228e12),
+    ("TPU v5 lite", 0.819e12),
+    ("TPU v5e", 0.819e12),
+    ("TPU v5p", 2.765e12),
+    ("TPU v5", 2.765e12),
+    ("TPU v6 lite", 1.64e12),
+    ("TPU v6e", 1.64e12),
+)
+
+
 def _lookup(table, device_kind: str):
     """The value of the first key in `table` that is a substring of `device_kind` (case-insensitive), or None."""
     for key, value in table:
@@ -140,6 +160,11 @@ def device_peak_flops(device_kind: str) -> float | None:
 def device_memory_bytes(device_kind: str) -> int | None:
     """Nominal memory of one device of this kind in bytes (`HBM_BYTES`), or None when the kind is not in the table."""
     return _lookup(HBM_BYTES, device_kind)
+
+
+def device_memory_bandwidth(device_kind: str) -> float | None:
+    """Datasheet memory bandwidth of one device of this kind in bytes/s (`HBM_BYTES_PER_SECOND`), or None."""
+    return _lookup(HBM_BYTES_PER_SECOND, device_kind)
 
 
 def measure_matmul_flops(dtype="float32", size: int = 2048, repeats: int = 5) -> float:

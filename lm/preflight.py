@@ -19,6 +19,11 @@ Per device of the target mesh it reports:
   excluded, as in MFU);
 - the step time those FLOPs take at the given MFU on the named device kind's datasheet bf16 peak;
 - a WARNING when parameters, gradients, optimizer state and activations together exceed the device's memory.
+
+With `--compile`, the train step is also compiled on this machine's own backend and devices (a GPU host checks a
+GPU step; on a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=N` gives N devices) for the same mesh, and
+XLA's own per-device figures (`compiled.memory_analysis()`: arguments, outputs, temporaries, donated aliases) are
+printed beside the estimate. This compiles, so it takes as long as a run's first step does.
 """
 
 from __future__ import annotations
@@ -254,6 +259,59 @@ def estimate(config: ml_collections.ConfigDict, sizes: dict[str, int], device: s
         flops_per_step=flops.train_flops_per_token(config, config.data.seq_len) * tokens_per_step)
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+    """Per-device bytes of a compiled train step, as XLA reports them (`jax.stages.Compiled.memory_analysis()`)."""
+
+    backend: str
+    devices: int
+    arguments: int  # The train state and the batch.
+    outputs: int  # The new train state and the metrics.
+    aliased: int  # Outputs written into donated arguments (the train state): counted once.
+    temporaries: int  # Everything else live during the step: activations, gradients, workspace.
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+def compiled_memory(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> CompiledMemory:
+    """Compiles `config`'s train step on a mesh of total axis `sizes` over this machine's first devices (no data
+    is allocated: the step is lowered from abstract shapes) and returns what XLA says each device needs."""
+    from lm import train_step as train_step_lib  # The training floor: only for --compile.
+
+    needed, devices = math.prod(sizes.values()), jax.devices()
+    if needed > len(devices):
+        raise PreflightError(f"--compile needs the {needed} devices of the mesh on this machine's backend "
+                             f"({devices[0].platform}), which has {len(devices)}; on a CPU set XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={needed}")
+    placed = config.copy_and_resolve_references()
+    for axis in sharding_lib.MESH_AXES:  # The target's total sizes, all within this host.
+        placed.mesh[axis], placed.mesh[f"dcn_{axis}"] = sizes[axis], 1
+    training = train_step_lib.build(placed, devices[:needed])
+    state = jax.eval_shape(training.init_state)
+    batch = {name: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len),
+                                        jnp.float32 if name == "weights" else jnp.int32)
+             for name in ("inputs", "targets", "segment_ids", "positions", "weights")}
+    analysis = training.train_step().lower(state, batch).compile().memory_analysis()
+    return CompiledMemory(backend=devices[0].platform, devices=needed,
+                          arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,
+                          aliased=analysis.alias_size_in_bytes, temporaries=analysis.temp_size_in_bytes)
+
+
+def compiled_report(result: Estimate, compiled: CompiledMemory) -> str:
+    """The `--compile` lines: XLA's per-device figures beside the estimate's."""
+    return "\n".join([
+        f"compiled on {compiled.devices} x {compiled.backend} (this machine's backend), per device (GB):",
+        f"  arguments (state, batch) {compiled.arguments / GB:9.3f}   estimate of the state "
+        f"{(result.state.params + result.state.opt_state) / GB:9.3f}",
+        f"  outputs                  {compiled.outputs / GB:9.3f}   (donated: {compiled.aliased / GB:.3f} written in place)",
+        f"  temporaries              {compiled.temporaries / GB:9.3f}   estimate of gradients and activations "
+        f"{(result.state.grads + result.activation_total) / GB:9.3f}",
+        f"  total                    {compiled.total / GB:9.3f}   estimate {result.total / GB:9.3f}",
+    ])
+
+
 def stage_table(result: Estimate) -> str:
     """Per-device train state at each ZeRO stage, in GB; the configured stage is marked with *."""
     lines = [f"{'stage':>5}  {'params GB':>10}  {'grads GB':>10}  {'opt state GB':>12}  {'total GB':>9}  (per device)"]
@@ -322,16 +380,21 @@ def _define_flags() -> None:
     flags.DEFINE_integer("devices", None, "Number of target devices; needed when a mesh size is -1.")
     flags.DEFINE_string("device", "h100", f"Target device kind: {', '.join(DEVICE_KINDS)}.")
     flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time, a fraction in (0, 1].")
+    flags.DEFINE_bool("compile", False, "Also compile the train step on this machine's backend for the mesh and "
+                      "print XLA's per-device memory beside the estimate.")
 
 
 def main(argv):
     del argv
     args = flags.FLAGS
-    # Nothing here computes: keep JAX off any accelerator of this machine (and off its memory).
-    jax.config.update("jax_platforms", "cpu")
+    if not args.compile:  # Nothing computes: keep JAX off any accelerator of this machine (and off its memory).
+        jax.config.update("jax_platforms", "cpu")
     mesh_config = parse_mesh(args.mesh) if args.mesh else args.config.mesh
-    result = estimate(args.config, mesh_sizes(mesh_config, args.devices), args.device, args.mfu)
-    print(report(args.config, result))
+    sizes = mesh_sizes(mesh_config, args.devices)
+    result = estimate(args.config, sizes, args.device, args.mfu)
+    print(report(args.config, result), flush=True)
+    if args.compile:
+        print(compiled_report(result, compiled_memory(args.config, sizes)))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,20 @@ print(sorted(m for m in sys.modules if m in {"lm.train", "lm.train_step", "lm.op
     assert result.stdout.strip() == "[]"
 
 
+def test_the_gpu_check_imports_only_what_the_accelerator_image_has():
+    """The device image has JAX, flax, optax, orbax, sentencepiece, but neither TensorFlow nor grain (the data
+    pipeline's), nor lm's tokenizers' libraries: launch/gpu_check.sh carries only an ml_collections wheel."""
+    script = """
+import sys
+import lm.bench.gpu
+print(sorted(m for m in ("tensorflow", "tensorflow_datasets", "grain", "tokenizers", "safetensors") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=environment(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("module", ["lm.checkpoint", "lm.evaluate", "lm.generate"])
 def test_inference_modules_name_no_training_module(module):
     assert not imported_lm_modules(module) & set(TRAINING_MODULES)

@@ -23,7 +23,7 @@ from lm import distributed
 from lm import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch"]
+SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gpu_check.sh"]
 
 # Joins the run, builds the default mesh, gathers every process's index; each process prints its line and writes it
 # to $PROBE_OUT/<index>.txt (the processes share one stdout, where gloo's messages can land mid-line).
@@ -386,3 +386,30 @@ def test_tpu_pod_stops_before_touching_workers(tmp_path, args, state, message, g
     calls = json_lines(tmp_path / "gcloud.log")
     assert len(calls) == gcloud_calls and all(call[3] == "describe" for call in calls)
     assert not any((home / "python.log").exists() for home in homes)
+
+
+def test_gpu_check_smoke_runs_every_section_and_writes_its_figures(tmp_path):
+    """launch/gpu_check.sh --smoke: the GPU check's logic at tiny shapes on the CPU (one device)."""
+    out = tmp_path / "out"
+    result = run(["bash", "launch/gpu_check.sh", "--smoke", f"--out={out}"], timeout=600,
+                 env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert results["environment"]["smoke"] and results["environment"]["jax"] == jax.__version__
+    sections = results["sections"]
+    assert sorted(sections) == ["attention", "decode", "loss", "train"]
+    assert all("error" not in content for content in sections.values()), sections
+    train = {row["model"]: row for row in sections["train"]["rows"]}
+    assert sorted(train) == ["gpt2_124m", "llama_1b"]
+    assert all(row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1 and row["compiled_bytes"] > 0
+               for row in train.values())
+    loss = sections["loss"]["rows"][0]
+    assert loss["ratio"] > 0 and loss["chunked_peak_over_outputs"] > 1
+    assert {(row["seq_len"], row["implementation"]) for row in sections["attention"]["rows"]} == {
+        (128, "xla"), (256, "xla")}
+    assert all(row["seconds"] > 0 and row["temp_bytes"] > 0 and row["documents"] > 1
+               for row in sections["attention"]["rows"])
+    assert [row["batch"] for row in sections["decode"]["rows"]] == [1, 4]
+    assert all(row["tokens_per_second"] > 0 for row in sections["decode"]["rows"])
+    table = (out / "gpu_check.md").read_text()
+    assert "SMOKE" in table and "| gpt2_124m |" in table and "tokens/s" in table
