@@ -305,7 +305,8 @@ def compiled_report(result: Estimate, compiled: CompiledMemory) -> str:
         f"compiled on {compiled.devices} x {compiled.backend} (this machine's backend), per device (GB):",
         f"  arguments (state, batch) {compiled.arguments / GB:9.3f}   estimate of the state "
         f"{(result.state.params + result.state.opt_state) / GB:9.3f}",
-        f"  outputs                  {compiled.outputs / GB:9.3f}   (donated: {compiled.aliased / GB:.3f} written in place)",
+        f"  outputs                  {compiled.outputs / GB:9.3f}   (donated: {compiled.aliased / GB:.3f} written in "
+        f"place)",
         f"  temporaries              {compiled.temporaries / GB:9.3f}   estimate of gradients and activations "
         f"{(result.state.grads + result.activation_total) / GB:9.3f}",
         f"  total                    {compiled.total / GB:9.3f}   estimate {result.total / GB:9.3f}",

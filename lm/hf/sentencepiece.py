@@ -6,10 +6,10 @@ The `tokenizers` pipeline mirrors SentencePiece's: the normalizer writes each sp
 of the text when the model adds a dummy prefix); the model is a BPE whose merges are SentencePiece's pieces in
 order of score (SentencePiece's BPE merges the adjacent pair whose union is the best-scoring piece), or a Unigram
 with the same pieces and scores (exact for BPE, lm's default; a Unigram model's ties between equally scored
-segmentations, such as runs of spaces, may be broken the other way); characters outside the vocabulary fall back to byte pieces `<0xNN>`; decoding
-turns "▁" back into spaces and joins the bytes. A post-processor puts BOS in front of every text, as lm's data
-pipeline does for each document. Normalization rules other than `identity` (NFKC tables) are refused: their
-tables do not carry over.
+segmentations, such as runs of spaces, may be broken the other way); characters outside the vocabulary fall back
+to byte pieces `<0xNN>`; decoding turns "▁" back into spaces and joins the bytes. A post-processor puts BOS in
+front of every text, as lm's data pipeline does for each document. Normalization rules other than `identity`
+(NFKC tables) are refused: their tables do not carry over.
 """
 
 from __future__ import annotations
