@@ -19,8 +19,8 @@ Padding has weight 0 and is not counted.
 Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the evaluated target tokens' text
 (`Tokenizer.token_bytes`; BOS/EOS/padding have none; a document's first token, the target after BOS, less the space
 a SentencePiece-style tokenizer puts in front of every text, `Tokenizer.prefix_bytes`), so it compares models with
-different tokenizers. The
-unigram entropy of the evaluated targets is the loss of the best model that ignores context: the bar to clear.
+different tokenizers. The unigram entropy of the evaluated targets is the loss of the best model that ignores
+context: the bar to clear.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 `Tokenizer` is what the data pipeline, evaluation and generation use: `encode` (text -> ids, no special tokens),
 `decode`, `vocab_size`, the special ids `bos_id` / `eos_id` / `pad_id` (None when the tokenizer has none),
-`token_bytes` and `prefix_bytes` (what bits per byte divides by), `fingerprint`, `chat_template` and `save`. Two implementations:
+`token_bytes` and `prefix_bytes` (what bits per byte divides by), `fingerprint`, `chat_template` and `save`. Two
+implementations:
 
 - `SentencePieceTokenizer`: a `.model` file (the tokenizers lm trains, `lm.data.tokenizer_training`);
 - `HuggingFaceTokenizer`: a fast tokenizer's `tokenizer.json` (read by the `tokenizers` library) with the special
