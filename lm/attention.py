@@ -65,17 +65,23 @@ def cache_attention_mask(start_b: jax.Array, first_slot: jax.Array, query_length
 
 def _xla_attention(q_btnh, k_bsgh, v_bsgh, mask_b1ts) -> jax.Array:
     b, t, n, h = q_btnh.shape
-    g = k_bsgh.shape[2]
-    q_btgrh = q_btnh.reshape(b, t, g, n // g, h)
-    scores_bgrts = jnp.einsum("btgrh,bsgh->bgrts", q_btgrh, k_bsgh, preferred_element_type=jnp.float32)
-    scores_bgrts = scores_bgrts * (h ** -0.5)
+    s, g = k_bsgh.shape[1], k_bsgh.shape[2]
+    r = n // g
+    # Heads-first layouts, each group's r query heads stacked along the query axis (q = r * t): both products are then
+    # plain batched matmuls, batch axes (b, g) first and the contracted axis last. On the [b, t, g, r, h] layout
+    # XLA:CPU transposes the scores around every dot of the backward pass (forward and backward 1.4x slower).
+    q_bgqh = q_btnh.reshape(b, t, g, r, h).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, h)
+    k_bgsh, v_bgsh = k_bsgh.transpose(0, 2, 1, 3), v_bsgh.transpose(0, 2, 1, 3)
+    scores_bgqs = jnp.einsum("bgqh,bgsh->bgqs", q_bgqh, k_bgsh, preferred_element_type=jnp.float32) * (h ** -0.5)
     if mask_b1ts is not None:
         # [b, 1, t, s] -> [b, 1, 1, t, s] broadcasts over (g, r). A large finite negative keeps fully masked rows
         # (never produced by a causal mask, which always allows the diagonal) free of NaN.
-        scores_bgrts = jnp.where(mask_b1ts[:, :, None], scores_bgrts, jnp.finfo(jnp.float32).min)
-    probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(v_bsgh.dtype)
-    out_btgrh = jnp.einsum("bgrts,bsgh->btgrh", probs_bgrts, v_bsgh, preferred_element_type=jnp.float32)
-    return out_btgrh.reshape(b, t, n, h).astype(q_btnh.dtype)
+        scores_bgrts = jnp.where(mask_b1ts[:, :, None], scores_bgqs.reshape(b, g, r, t, s), jnp.finfo(jnp.float32).min)
+        scores_bgqs = scores_bgrts.reshape(b, g, r * t, s)
+    probs_bgqs = jax.nn.softmax(scores_bgqs, axis=-1).astype(v_bsgh.dtype)
+    out_bgqh = jnp.einsum("bgqs,bgsh->bgqh", probs_bgqs, v_bgsh, preferred_element_type=jnp.float32)
+    out_btnh = out_bgqh.reshape(b, g, r, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    return out_btnh.astype(q_btnh.dtype)
 
 
 def dot_product_attention(

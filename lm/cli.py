@@ -1,8 +1,9 @@
 """The shell every lm program runs in: `cli.run(main)` in place of `absl.app.run(main)`.
 
 It does what each program would otherwise repeat: logging at WARNING (orbax and grain log every save and read at
-INFO), TensorFlow's C++ start-up chatter off (only the data code imports TensorFlow), `lm.distributed.initialize()`
-before anything touches a device, and every foreseeable error printed as one line on stderr, `error: <message>`,
+INFO), TensorFlow's C++ start-up chatter off (only the data code imports TensorFlow), `lm.cpu.keep_step_memory()` (XLA:CPU
+reuses each step's memory instead of page-faulting it in anew) and `lm.distributed.initialize()` before anything
+touches a device, and every foreseeable error printed as one line on stderr, `error: <message>`,
 with exit code 1 and no traceback:
 - any `lm.errors.LmError` (bad config fields, files, data, tokenizers, checkpoints, flags);
 - an error while parsing the command line, which also runs the `--config=path.py` file and applies its
@@ -24,6 +25,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from lm import cpu
 from lm import distributed
 from lm import errors
 
@@ -110,6 +112,7 @@ def run(main: Callable[[list[str]], None]) -> None:
             std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
             _silence_closed_loop_callbacks()
         try:
+            cpu.keep_step_memory()
             distributed.initialize()
             main(argv)
         except errors.LmError as error:

@@ -69,14 +69,16 @@ def _kernel_init(cfg, fan_in_axes: tuple[int, ...], fan_out_axes: tuple[int, ...
 
 
 class Projection(nn.Module):
-    """A linear map over named axes: `einsum(equation, x, kernel) (+ bias)`, kernel stored in `param_dtype`.
+    """A linear map of the trailing axes: `x [..., *in] @ kernel [*in, *out] (+ bias) -> [..., *out]`.
 
-    A small explicit replacement for `nn.DenseGeneral`, whose kernel initializer sees a flattened shape; here the
-    initializer and the logical axis names see the kernel's real shape.
+    The kernel keeps its real shape (`kernel_shape = (*in, *out)`, e.g. `[d, n, h]`), so its initializer sees the
+    right fans and every axis has a logical name. The product itself is one 2-D matmul `[rows, prod(in)] @
+    [prod(in), prod(out)]` over all leading axes at once: with the leading axes kept apart (`einsum("btd,df->btf")`)
+    XLA:CPU transposes activations in the backward pass around every dot (an MLP's forward and backward take 2.2x as
+    long); a reshape that merges leading axes is free on every backend, and sharded leading axes merge in order.
     """
 
     cfg: ml_collections.FrozenConfigDict
-    equation: str  # e.g. "btd,dnh->btnh"
     kernel_shape: tuple[int, ...]
     kernel_axes: tuple[str, ...]
     fan_in_axes: tuple[int, ...]
@@ -91,12 +93,14 @@ class Projection(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, self.kernel_axes), self.kernel_shape,
             jnp.dtype(cfg.param_dtype))
-        y = jnp.einsum(self.equation, x, kernel.astype(cfg.dtype))
+        in_shape, out_shape = self.kernel_shape[:len(self.fan_in_axes)], self.kernel_shape[len(self.fan_in_axes):]
+        x_rows_in = x.reshape(-1, math.prod(in_shape))
+        kernel_in_out = kernel.astype(cfg.dtype).reshape(math.prod(in_shape), math.prod(out_shape))
+        y = jnp.matmul(x_rows_in, kernel_in_out).reshape(*x.shape[:x.ndim - len(in_shape)], *out_shape)
         if self.use_bias:
-            out_axes = self.kernel_axes[len(self.fan_in_axes):]
             bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
-                self.kernel_shape[len(self.fan_in_axes):], jnp.dtype(cfg.param_dtype))
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[len(in_shape):]),
+                out_shape, jnp.dtype(cfg.param_dtype))
             y = y + bias.astype(cfg.dtype)
         return y
 
@@ -216,9 +220,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         d, n, g, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         project = functools.partial(Projection, cfg, fan_in_axes=(0,), fan_out_axes=(1, 2), use_bias=cfg.qkv_bias)
-        q_btnh = project("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), name="query")(x_btd)
-        k_btgh = project("btd,dgh->btgh", (d, g, h), ("embed", "kv_heads", "head_dim"), name="key")(x_btd)
-        v_btgh = project("btd,dgh->btgh", (d, g, h), ("embed", "kv_heads", "head_dim"), name="value")(x_btd)
+        q_btnh = project((d, n, h), ("embed", "heads", "head_dim"), name="query")(x_btd)
+        k_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="key")(x_btd)
+        v_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="value")(x_btd)
         if cfg.position_embedding == "rope":
             inv_freq_k = rope_frequencies(cfg)
             q_btnh = rope(q_btnh, positions_bt, inv_freq_k)
@@ -241,7 +245,7 @@ class Attention(nn.Module):
                 q_btnh, key_bsgh, value_bsgh, causal=False, mask_b1ts=mask_b1ts, implementation="xla")
         out_btnh = nn.with_logical_constraint(out_btnh, ("batch", "length", "heads", "head_dim"))
         out_btd = Projection(
-            cfg, "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), fan_in_axes=(0, 1), fan_out_axes=(2,),
+            cfg, (n, h, d), ("heads", "head_dim", "embed"), fan_in_axes=(0, 1), fan_out_axes=(2,),
             output_projection=True, use_bias=cfg.attention_out_bias, name="out")(out_btnh)
         return out_btd, new_cache
 
@@ -256,14 +260,14 @@ class Mlp(nn.Module):
         cfg = self.cfg
         d, f = cfg.d_model, cfg.mlp_dim
         up = functools.partial(
-            Projection, cfg, "btd,df->btf", (d, f), ("embed", "mlp"), (0,), (1,), use_bias=cfg.mlp_bias)
+            Projection, cfg, (d, f), ("embed", "mlp"), (0,), (1,), use_bias=cfg.mlp_bias)
         if cfg.mlp_activation == "swiglu":
             h_btf = nn.silu(up(name="gate")(x_btd)) * up(name="up")(x_btd)
         else:
             h_btf = nn.gelu(up(name="up")(x_btd), approximate=True)
         h_btf = nn.with_logical_constraint(h_btf, ("batch", "length", "mlp"))
         return Projection(
-            cfg, "btf,fd->btd", (f, d), ("mlp", "embed"), (0,), (1,), output_projection=True, use_bias=cfg.mlp_bias,
+            cfg, (f, d), ("mlp", "embed"), (0,), (1,), output_projection=True, use_bias=cfg.mlp_bias,
             name="down")(h_btf)
 
 
