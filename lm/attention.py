@@ -7,7 +7,10 @@ heads, g key/value heads (groups), r = n // g query heads per key/value head, h 
   causal self-attention runs by query blocks, each against the keys up to its last row only (no work on the masked
   upper triangle of blocks). Works on every backend and is what CPU tests run.
 - `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, the fused flash-attention kernel of cuDNN on NVIDIA
-  GPUs (bf16/fp16 inputs only). Packed documents become a boolean mask, which cuDNN takes as a bias.
+  GPUs (bf16/fp16 inputs only). Packed documents become a boolean mask, which cuDNN takes as a bias, unless
+  `max_segments` (`config.model.attention_max_segments`) is set: then cuDNN gets each row's documents as the lengths
+  and offsets of at most that many runs (`segment_runs`; no `[b, 1, t, t]` array at all), falling back to the mask
+  with a warning where JAX or cuDNN lack the packed layout.
 - `auto`: `cudnn` on GPU for half-precision inputs, `xla` otherwise.
 
 TPU kernels plug in here: a `splash` case would call
@@ -18,8 +21,14 @@ its signature is the same as the two cases below.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from lm.errors import DataError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 MIN_QUERY_BLOCK = 64  # Rows of the smallest query block of the XLA path's causal split (`causal_query_blocks`).
@@ -95,6 +104,7 @@ def dot_product_attention(
     causal: bool = True,
     mask_b1ts: jax.Array | None = None,
     implementation: str = "xla",
+    max_segments: int = 0,
 ) -> jax.Array:
     """Multi-head / grouped-query / multi-query attention.
 
@@ -106,12 +116,19 @@ def dot_product_attention(
       mask_b1ts: an explicit boolean mask `[batch, 1, length, kv_length]` (decoding against a KV cache, where
         t != s; see `cache_attention_mask`), combined with the others.
       implementation: `xla`, `cudnn` or `auto` (see module docstring).
+      max_segments: cuDNN with `segment_ids_bt`: above 0, pass the packed documents to cuDNN as the lengths and
+        offsets of at most this many runs of equal ids per row (`segment_runs`) instead of a `[b, 1, t, t]` mask;
+        the caller guarantees the bound (`check_segment_runs`). 0: the mask.
 
     Returns:
       `[batch, length, heads, head_dim]` in the dtype of `q_btnh`.
     """
     implementation = resolve_implementation(implementation, q_btnh.dtype)
     if implementation == "cudnn":
+        if segment_ids_bt is not None and max_segments > 0 and mask_b1ts is None:
+            out_btnh = _cudnn_packed_attention(q_btnh, k_bsgh, v_bsgh, segment_ids_bt, causal, max_segments)
+            if out_btnh is not None:
+                return out_btnh
         mask = _combine(attention_mask(segment_ids_bt, q_btnh.shape[1], causal=False), mask_b1ts)
         return jax.nn.dot_product_attention(
             q_btnh, k_bsgh, v_bsgh, mask=mask, is_causal=causal, implementation="cudnn")
@@ -152,3 +169,75 @@ def _combine(mask_a, mask_b):
     if mask_a is None or mask_b is None:
         return mask_b if mask_a is None else mask_a
     return mask_a & mask_b
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Packed documents as runs (cuDNN's packed layout) instead of a [b, 1, t, t] mask.
+
+
+def segment_runs(segment_ids_bt: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """The runs of equal ids in each row, as cuDNN's packed layout takes packed documents.
+
+    A row's documents are runs of equal `segment_ids_bt`; its trailing padding (id 0) is a run of its own, so every
+    position is in exactly one run and attention within runs equals attention within equal ids everywhere.
+
+    Returns:
+      `lengths_bm`: int32 `[b, M]`, the length of each run, -1 after a row's last run.
+      `offsets_bm1`: int32 `[b, M + 1]`, the first position of each run, -1 after a row's last run.
+      M = `max_segments`; a row with more runs than M loses its last runs (`check_segment_runs` rules that out).
+    """
+    b, t = segment_ids_bt.shape
+    starts_bt = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    first_positions = lambda starts_t: jnp.nonzero(starts_t, size=max_segments + 1, fill_value=-1)[0]
+    offsets_bm1 = jax.vmap(first_positions)(starts_bt).astype(jnp.int32)
+    ends_bm = jnp.where(offsets_bm1[:, 1:] >= 0, offsets_bm1[:, 1:], t)
+    lengths_bm = jnp.where(offsets_bm1[:, :-1] >= 0, ends_bm - offsets_bm1[:, :-1], -1)
+    return lengths_bm, offsets_bm1
+
+
+def runs_mask(lengths_bm: jax.Array, offsets_bm1: jax.Array, length: int, causal: bool) -> jax.Array:
+    """Boolean `[b, 1, t, t]`: True where query t and key s lie in the same run (and s <= t if causal). The XLA
+    reading of `segment_runs`' output: what cuDNN computes from the same lengths and offsets, testable on a CPU."""
+    position_t = jnp.arange(length)
+    starts_bm, lengths_bm = offsets_bm1[:, :-1], lengths_bm
+    in_run_btm = ((position_t[None, :, None] >= starts_bm[:, None, :])
+                  & (position_t[None, :, None] < (starts_bm + lengths_bm)[:, None, :]) & (lengths_bm[:, None, :] > 0))
+    run_bt = jnp.where(jnp.any(in_run_btm, axis=-1), jnp.argmax(in_run_btm, axis=-1), -1)
+    mask_bts = (run_bt[:, :, None] == run_bt[:, None, :]) & (run_bt[:, :, None] >= 0)
+    if causal:
+        mask_bts = mask_bts & (position_t[:, None] >= position_t[None, :])
+    return mask_bts[:, None]
+
+
+def count_segment_runs(segment_ids_bt: np.ndarray) -> int:
+    """The most runs of equal ids in any row of a host batch (what `segment_runs` needs M to cover)."""
+    segment_ids_bt = np.asarray(segment_ids_bt)
+    return int(1 + np.max(np.sum(segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1], axis=1), initial=0))
+
+
+def check_segment_runs(segment_ids_bt: np.ndarray, max_segments: int) -> None:
+    """Raises `DataError` when `config.model.attention_max_segments` (above 0) is too small for a host batch."""
+    if max_segments > 0 and (runs := count_segment_runs(segment_ids_bt)) > max_segments:
+        raise DataError(f"a batch row packs {runs} segments (documents, and padding as one more), more than "
+                        f"config.model.attention_max_segments={max_segments}; raise it, or set 0 for the mask")
+
+
+def _cudnn_packed_attention(q_btnh, k_bsgh, v_bsgh, segment_ids_bt, causal: bool, max_segments: int):
+    """cuDNN's flash attention on the packed layout, or None (with a warning, once) where JAX or cuDNN lack it."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+        lengths_bm, offsets_bm1 = segment_runs(segment_ids_bt, max_segments)
+        mask_type = cudnn_attention.MaskType.PADDING_CAUSAL if causal else cudnn_attention.MaskType.PADDING
+        return cudnn_attention.dot_product_attention(
+            q_btnh, k_bsgh, v_bsgh, q_seqlen=lengths_bm, kv_seqlen=lengths_bm, q_offsets=offsets_bm1,
+            kv_offsets=offsets_bm1, scale=q_btnh.shape[-1] ** -0.5, mask_type=mask_type, qkv_layout="BTNH")
+    except (ImportError, AttributeError, NotImplementedError, RuntimeError, ValueError, TypeError) as error:
+        _warn_once(f"cuDNN attention on packed offsets is unavailable ({type(error).__name__}: "
+                   f"{' '.join(str(error).split())[:160]}); using a [b, 1, t, t] mask instead")
+        return None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.warning(message)

@@ -49,7 +49,7 @@ POSITIVE = (
     "max_consecutive_skips",
 )
 # Integer fields that must be >= 0.
-NON_NEGATIVE = ("optim.warmup_steps", "seed")
+NON_NEGATIVE = ("model.attention_max_segments", "optim.warmup_steps", "seed")
 # Float fields: each must be a finite number in the range the text names (what the predicate accepts).
 RANGES = {
     "model.rope_theta": ("> 0", lambda v: v > 0),
@@ -107,8 +107,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # Compute dtype of activations and matmuls.
     m.param_dtype = "float32"  # Storage dtype of parameters (master weights).
     m.attention = "auto"  # auto: cuDNN flash attention on GPU, XLA reference elsewhere.
+    # cuDNN only: above 0, packed documents reach cuDNN as the lengths and offsets of at most this many runs per row
+    # (documents, plus one for trailing padding) instead of a [b, 1, t, t] mask; every batch is checked against it.
+    m.attention_max_segments = 0
     m.scan_layers = True  # Stack layers with nn.scan: compile time does not grow with depth.
-    m.remat_policy = "full"  # none | full (recompute everything) | dots | dots_no_batch (jax.checkpoint_policies).
+    # none | full (recompute everything) | dots | dots_no_batch (jax.checkpoint_policies). With scan_layers, `dots`
+    # (keep matmul outputs, recompute elementwise ops) moves less memory than `none`, which stacks every
+    # intermediate of every layer; it is the fastest policy wherever the matmul outputs fit.
+    m.remat_policy = "full"
     m.init = "truncated_normal"
     m.init_std = 0.02  # Std of the truncated-normal init; output projections are scaled by 1/sqrt(2 * num_layers).
     # None: no soft-cap; c: logits are c * tanh(logits / c) wherever they are formed (loss, evaluation, sampling).

@@ -38,6 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from lm import attention
 from lm import checkpoint
 from lm import config as lm_config
 from lm import model as model_lib
@@ -98,6 +99,7 @@ class Evaluator:
         document_starts = 0
         with contextlib.closing(iterator):
             for batch in _batches_on_every_process(iterator, config.eval_steps):
+                attention.check_segment_runs(batch["segment_ids"], config.model.attention_max_segments)
                 sums = self._eval_step(params, pipeline.to_global_arrays(batch, self.shardings.batch))
                 totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
                 evaluated = batch["weights"] > 0

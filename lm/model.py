@@ -233,7 +233,8 @@ class Attention(nn.Module):
         if layer_cache is None:
             new_cache = None
             out_btnh = attention_lib.dot_product_attention(
-                q_btnh, k_btgh, v_btgh, segment_ids_bt=segment_ids_bt, causal=True, implementation=cfg.attention)
+                q_btnh, k_btgh, v_btgh, segment_ids_bt=segment_ids_bt, causal=True, implementation=cfg.attention,
+                max_segments=cfg.attention_max_segments)
         else:
             key_bsgh, value_bsgh, index, start_b = layer_cache
             key_bsgh = jax.lax.dynamic_update_slice_in_dim(key_bsgh, k_btgh.astype(key_bsgh.dtype), index, axis=1)

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from ml_collections import config_flags
 
+from lm import attention
 from lm import checkpoint
 from lm import config as lm_config
 from lm import evaluate as evaluate_lib
@@ -227,7 +228,9 @@ class _Run:
             if self.profile_steps and step == self.profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
             _faults.starting(step)
-            batch = pipeline.to_global_arrays(_faults.batch(step, next(self.data)), batch_sharding)
+            local_batch = _faults.batch(step, next(self.data))
+            attention.check_segment_runs(local_batch["segment_ids"], config.model.attention_max_segments)
+            batch = pipeline.to_global_arrays(local_batch, batch_sharding)
             self.state, metrics = step_fn(self.state, batch)
             if previous is not None:
                 _check_finite(*previous, config, self.checkpoints)  # Step - 1's counter: this step is queued.

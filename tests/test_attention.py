@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import attention
+from lm import attention, errors
 
 
 def _qkv(t, n=4, g=2, h=16, b=2, seed=0):
@@ -60,3 +60,44 @@ def test_blocked_causal_attention_applies_an_explicit_mask_per_block():
     mask_b1ts = jax.random.bernoulli(jax.random.key(3), 0.7, (2, 1, 256, 256)) | jnp.eye(256, dtype=bool)
     got = attention.dot_product_attention(q, k, v, causal=True, mask_b1ts=mask_b1ts)
     np.testing.assert_allclose(got, _dense_reference(q, k, v, mask_b1ts=mask_b1ts), rtol=0, atol=2e-6)
+
+
+def test_segment_runs_give_cudnn_lengths_and_offsets_with_padding_as_a_run():
+    segment_ids = jnp.asarray([[1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+    lengths, offsets = attention.segment_runs(segment_ids, max_segments=3)
+    np.testing.assert_array_equal(offsets, [[0, 2, 5, -1], [0, -1, -1, -1]])
+    np.testing.assert_array_equal(lengths, [[2, 3, 2], [7, -1, -1]])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_offsets_path_equals_the_dense_mask_path(causal):
+    """The lengths and offsets cuDNN gets, read back as a mask by the XLA implementation: the same attention as the
+    segment-id mask, values and gradients (cuDNN's own call on them runs in launch/gpu_check.sh)."""
+    length = 256
+    q, k, v = _qkv(length)
+    segment_ids = _packed_segments(length)
+    runs = attention.count_segment_runs(np.asarray(segment_ids))
+    assert runs == 3  # Rows of three documents, and of two documents and a padding run.
+    lengths, offsets = attention.segment_runs(segment_ids, max_segments=runs)
+    offsets_mask = attention.runs_mask(lengths, offsets, length, causal)
+    dense_mask = attention.attention_mask(segment_ids, length, causal)
+    np.testing.assert_array_equal(offsets_mask, jnp.broadcast_to(dense_mask, offsets_mask.shape))
+    cotangent = jax.random.normal(jax.random.key(5), q.shape)
+
+    def loss(mask):
+        return lambda q, k, v: jnp.sum(attention._xla_attention(q, k, v, mask) * cotangent)
+
+    np.testing.assert_array_equal(attention._xla_attention(q, k, v, offsets_mask),
+                                  attention._xla_attention(q, k, v, dense_mask))
+    for got, want in zip(jax.grad(loss(offsets_mask), argnums=(0, 1, 2))(q, k, v),
+                         jax.grad(loss(dense_mask), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_batch_with_more_runs_than_the_bound_is_refused_in_one_line():
+    segment_ids = np.asarray([[1, 1, 2, 3, 0, 0], [1, 2, 2, 2, 2, 2]], np.int32)
+    assert attention.count_segment_runs(segment_ids) == 4
+    attention.check_segment_runs(segment_ids, 4)
+    attention.check_segment_runs(segment_ids, 0)  # 0: the mask path, no bound.
+    with pytest.raises(errors.DataError, match=r"packs 4 segments .* config\.model\.attention_max_segments=3"):
+        attention.check_segment_runs(segment_ids, 3)
