@@ -147,7 +147,7 @@ def causal_query_blocks(length: int) -> int:
 def _xla_causal_attention(q_btnh, k_bsgh, v_bsgh, segment_ids_bt, mask_b1ts) -> jax.Array:
     """Causal self-attention (t == s) by query blocks: block i, rows `[i c, (i + 1) c)`, against keys `[0, (i + 1) c)`
     only, since every later key is masked for it. With k blocks that skips (k - 1) / 2k of the scores, softmax and
-    both products (37.5% at k = 4; a quarter of the step's attention time on the CPU benchmark); each block is
+    both products (37.5% at k = 4; 8% of the whole train step of the CPU benchmark, `lm.bench.peer`); each block is
     exact (the same softmax over the same unmasked keys), so the result equals `_xla_attention` with the full mask.
     """
     t = q_btnh.shape[1]
@@ -227,7 +227,10 @@ def _cudnn_packed_attention(q_btnh, k_bsgh, v_bsgh, segment_ids_bt, causal: bool
     try:
         from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
-        lengths_bm, offsets_bm1 = segment_runs(segment_ids_bt, max_segments)
+        # At least 2: JAX turns per-row offsets into cuDNN's global ones only for M > 1. The starts-only offsets
+        # (no end entry) are what that conversion expects: it appends the end of the batch after the last start,
+        # which ends every row's last run because the runs tile each row (padding is a run).
+        lengths_bm, offsets_bm1 = segment_runs(segment_ids_bt, max(max_segments, 2))
         mask_type = cudnn_attention.MaskType.PADDING_CAUSAL if causal else cudnn_attention.MaskType.PADDING
         return cudnn_attention.dot_product_attention(
             q_btnh, k_bsgh, v_bsgh, q_seqlen=lengths_bm, kv_seqlen=lengths_bm, q_offsets=offsets_bm1,
