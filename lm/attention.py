@@ -199,7 +199,7 @@ def runs_mask(lengths_bm: jax.Array, offsets_bm1: jax.Array, length: int, causal
     """Boolean `[b, 1, t, t]`: True where query t and key s lie in the same run (and s <= t if causal). The XLA
     reading of `segment_runs`' output: what cuDNN computes from the same lengths and offsets, testable on a CPU."""
     position_t = jnp.arange(length)
-    starts_bm, lengths_bm = offsets_bm1[:, :-1], lengths_bm
+    starts_bm = offsets_bm1[:, :-1]
     in_run_btm = ((position_t[None, :, None] >= starts_bm[:, None, :])
                   & (position_t[None, :, None] < (starts_bm + lengths_bm)[:, None, :]) & (lengths_bm[:, None, :] > 0))
     run_bt = jnp.where(jnp.any(in_run_btm, axis=-1), jnp.argmax(in_run_btm, axis=-1), -1)
