@@ -99,8 +99,10 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """Parses the flags (absl) and runs `main(argv)` as described in the module docstring."""
+def run(main: Callable[[list[str]], None], *, parse_flags: bool = True) -> None:
+    """Parses the flags (absl) and runs `main(argv)` as described in the module docstring. `parse_flags=False`:
+    the program parses its whole command line itself (`lm.harness` takes the harness's flags), so `--verbose` is
+    `LM_VERBOSE=1` there."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     def shell(argv: list[str]) -> None:
@@ -122,4 +124,10 @@ def run(main: Callable[[list[str]], None]) -> None:
         except KeyboardInterrupt:
             _fail("interrupted", code=130)
 
-    app.run(shell, flags_parser=_parse_flags)
+    app.run(shell, flags_parser=_parse_flags if parse_flags else _leave_to_program)
+
+
+def _leave_to_program(argv: list[str]) -> list[str]:
+    """No absl parsing: every argument goes to the program (absl's own flags keep their defaults)."""
+    flags.FLAGS.mark_as_parsed()
+    return argv

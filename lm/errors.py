@@ -11,6 +11,7 @@ they raise (`lm.config.ConfigError`, `lm.checkpoint.CheckpointError`, `lm.data.s
     ├── CheckpointError      a workdir or its checkpoints cannot be used as asked
     ├── IteratorStateError   a saved data-iterator state belongs to another data stream
     ├── NonFiniteError       training diverged: too many non-finite steps in a row
+    ├── MissingExtraError    an optional feature's package is not installed (the message names the extra)
     └── DataError            the configured data cannot be read
         ├── DatasetNotFoundError, SplitNotFoundError, FilesNotFoundError
         └── EmptyDatasetError, TextFieldError
@@ -45,6 +46,10 @@ class IteratorStateError(LmError):
 
 class NonFiniteError(LmError):
     """Too many consecutive steps had a non-finite loss or gradient; the message names the last good checkpoint."""
+
+
+class MissingExtraError(LmError):
+    """An optional feature needs a package that is not installed; the message names the extra that brings it."""
 
 
 class DataError(LmError):

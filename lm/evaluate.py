@@ -174,16 +174,14 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tokenizer: tokenizer_
 
 def token_losses(config: ml_collections.ConfigDict, params, token_ids) -> np.ndarray:
     """Per-token negative log-likelihood (nats) of one sequence: entry i is the loss of predicting token i + 1 from
-    tokens 0..i. Full logits for one short sequence (a notebook's sentence), fp32: `[len(token_ids) - 1]`."""
+    tokens 0..i, fp32 `[len(token_ids) - 1]` (blockwise, `lm.loss.token_log_probs`: no `[tokens, vocab]` logits)."""
     model = model_lib.build(config)
     tokens_1t = np.asarray(token_ids, np.int32)[None]
 
     @jax.jit
     def losses(params, tokens_1t):
-        hidden_1td = model.apply({"params": params}, tokens_1t)
-        logits_1tv = model.apply({"params": params}, hidden_1td, method=model.logits)
-        log_probs_1tv = jax.nn.log_softmax(logits_1tv[:, :-1])
-        return -jax.numpy.take_along_axis(log_probs_1tv, tokens_1t[:, 1:, None], axis=-1)[0, :, 0]
+        log_probs_1t, _ = objective.target_log_probs(params, tokens_1t[:, :-1], tokens_1t[:, 1:], model, config)
+        return -log_probs_1t[0]
 
     return np.asarray(losses(nn.unbox(params), tokens_1t))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 from absl import flags
 import flax.linen as nn
@@ -74,10 +75,11 @@ def sample(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
     return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "stop_ids", "pad_id"))
 def _generate(params, prompt_bt, start_b, rng, *, model: model_lib.Transformer, max_new_tokens: int,
-              sampling: Sampling, eos_id: int, pad_id: int):
-    """Prefill plus the decode loop: `(new_tokens_bt, steps)`, rows padded with `pad_id` after their EOS."""
+              sampling: Sampling, stop_ids: tuple[int, ...], pad_id: int):
+    """Prefill plus the decode loop: `(new_tokens_bt, steps)`, rows padded with `pad_id` after their first token
+    of `stop_ids` (EOS and the like)."""
     batch, prompt_length = prompt_bt.shape
     cache = model_lib.KVCache.zeros(model.cfg, start_b, prompt_length + max_new_tokens)
     logits_bv, cache = model.apply({"params": params}, prompt_bt, cache, method=model.decode)
@@ -90,7 +92,7 @@ def _generate(params, prompt_bt, start_b, rng, *, model: model_lib.Transformer, 
         step, logits_bv, cache, new_tokens_bt, done_b = carry
         token_b = jnp.where(done_b, pad_id, sample(logits_bv, jax.random.fold_in(rng, step), sampling))
         new_tokens_bt = new_tokens_bt.at[:, step].set(token_b)
-        done_b = done_b | (token_b == eos_id)
+        done_b = done_b | jnp.isin(token_b, jnp.asarray(stop_ids, jnp.int32))
         logits_bv, cache = model.apply({"params": params}, token_b[:, None], cache, method=model.decode)
         return step + 1, logits_bv, cache, new_tokens_bt, done_b
 
@@ -102,11 +104,14 @@ def _generate(params, prompt_bt, start_b, rng, *, model: model_lib.Transformer, 
 
 def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), seed: int = 0, eos_id: int | None = None, pad_id: int = 0,
-             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+             mesh: jax.sharding.Mesh | None = None, stop_ids: Sequence[int] = (),
+             prompt_length: int | None = None) -> list[list[int]]:
     """Completes each prompt (a list of token ids, at least one) with up to `max_new_tokens` sampled tokens.
 
-    Returns the new tokens of each prompt, ending with `eos_id` when it was produced (nothing after it). `mesh`
-    (default: the one `params` live on) shards the batch and the cache by the config's logical rules.
+    Returns the new tokens of each prompt, ending with `eos_id` or a token of `stop_ids` when one was produced
+    (nothing after it). `mesh` (default: the one `params` live on) shards the batch and the cache by the config's
+    logical rules. `prompt_length`: the slots prompts are left-padded to (default: the longest prompt rounded up to
+    `PROMPT_LENGTH_MULTIPLE`); callers that bucket their own shapes set it.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ArgumentError("every prompt needs at least one token (e.g. BOS)")
@@ -114,7 +119,10 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
         raise ArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     model = model_lib.build(config)
     longest = max(len(p) for p in prompts)
-    prompt_length = -(-longest // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
+    if prompt_length is None:
+        prompt_length = -(-longest // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
+    elif prompt_length < longest:
+        raise ArgumentError(f"prompt_length={prompt_length} is shorter than the longest prompt ({longest} tokens)")
     if longest + max_new_tokens > config.model.max_seq_len:
         # Positions past max_seq_len were never trained (and a learned table has none); the cache would grow too.
         raise ArgumentError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -122,8 +130,7 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
     shardings = sharding_lib.model_shardings(config, mesh or sharding_lib.mesh_of(params, config), model=model)
     rows = len(prompts)
     # Rows are padded to a multiple of the pieces the batch sharding cuts them into (the padding rows are dropped).
-    devices = shardings.batch.mesh.size
-    batch_shards = devices // shardings.batch.shard_shape((devices, 1))[0]
+    batch_shards = sharding_lib.row_shards(shardings.batch)
     batch = -(-rows // batch_shards) * batch_shards
     prompt_bt = np.full((batch, prompt_length), pad_id, np.int32)
     start_b = np.full((batch,), prompt_length - 1, np.int32)
@@ -131,14 +138,16 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
         prompt_bt[b, prompt_length - len(prompt):] = prompt
         start_b[b] = prompt_length - len(prompt)
     prompt_bt[rows:, -1] = prompts[0][-1]
+    stops = tuple(sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set())))
     with shardings.activation_rules():
         new_tokens_bt, _ = _generate(
             nn.unbox(params), jax.device_put(prompt_bt, shardings.batch), jnp.asarray(start_b),
             jax.random.key(seed), model=model, max_new_tokens=max_new_tokens, sampling=sampling,
-            eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id)
+            stop_ids=stops, pad_id=pad_id)
     completions = []
     for row in np.asarray(jax.device_get(new_tokens_bt))[:rows].tolist():
-        completions.append(row[:row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
+        ends = [i for i, token in enumerate(row) if token in stops]
+        completions.append(row[:ends[0] + 1] if ends else row)
     return completions
 
 

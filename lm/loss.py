@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["cross_entropy", "chunk_plan"]
+__all__ = ["cross_entropy", "token_log_probs", "chunk_plan"]
 
 _F32 = jnp.float32
 
@@ -168,6 +168,30 @@ def cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weig
                        None if logit_softcap is None else float(logit_softcap))
     loss, metrics = _blockwise_cross_entropy(hidden_xd, kernel, targets_x, weights_x, options)
     return loss, {name: lax.stop_gradient(value) for name, value in metrics.items()}
+
+
+def token_log_probs(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, chunk_size: int,
+                    logit_softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per-token `log p(target)` of `hidden @ kernel` and whether the target is the argmax, blockwise like
+    `cross_entropy` (its statistics pass alone: the `[tokens, vocab]` logits are never formed).
+
+    Args:
+      hidden: `[..., d]` final hidden states; kernel: `[d, V]` LM head; targets: `[...]` integer ids in `[0, V)`.
+      chunk_size, logit_softcap: as in `cross_entropy`.
+
+    Returns:
+      `(log_prob, is_argmax)`, both `[...]`: fp32 `target_logit - logsumexp(logits)` and bool `target_logit ==
+      max(logits)` (a tie for the max counts as the argmax, where `argmax` would pick the lowest tied column).
+    """
+    hidden, kernel, targets = jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(targets)
+    if kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0] or targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"token_log_probs: expected hidden [..., d], kernel [d, V] and targets [...] of "
+                         f"hidden.shape[:-1], got {hidden.shape}, {kernel.shape} and {targets.shape}")
+    options = _Options(int(chunk_size), 0.0, 0.0, None if logit_softcap is None else float(logit_softcap))
+    stats, _ = _statistics_pass(hidden.reshape(-1, hidden.shape[-1]), kernel,
+                                targets.reshape(-1).astype(jnp.int32), options)
+    log_prob_x = stats.target_logit_x - (stats.max_x + jnp.log(stats.sumexp_x))
+    return log_prob_x.reshape(targets.shape), (stats.target_logit_x >= stats.max_x).reshape(targets.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The language-modelling objective on one batch, shared by the train step and the eval step.
+"""The language-modelling objective on one batch, shared by the train step and the eval step; and the per-token
+scores of a batch (`target_log_probs`: `lm.evaluate.token_losses`, the lm-evaluation-harness model).
 
     batch ─▶ model.apply ─▶ hidden_btd ─▶ lm.loss.cross_entropy(hidden_btd, LM head [d, v], targets, weights)
 
@@ -23,12 +24,27 @@ def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, c
     soft-capped by `config.model.logit_softcap` as `Transformer.logits` is.
     """
 
-    def hidden_and_head(module: model_lib.Transformer):
-        hidden_btd = module(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-        return hidden_btd, module.output_kernel()
-
-    hidden_btd, kernel_dv = model.apply({"params": params}, method=hidden_and_head)
+    hidden_btd, kernel_dv = _hidden_and_head(params, batch["inputs"], model, batch.get("positions"),
+                                             batch.get("segment_ids"))
     return loss_lib.cross_entropy(
         hidden_btd, kernel_dv, batch["targets"], batch.get("weights"), chunk_size=config.loss.chunk_size,
         z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing,
         logit_softcap=config.model.logit_softcap)
+
+
+def target_log_probs(params, inputs_bt: jax.Array, targets_bt: jax.Array, model: model_lib.Transformer,
+                     config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """`(log_prob_bt, is_argmax_bt)` of each target given the inputs up to it (one sequence per row, no packing):
+    fp32 and bool `[batch, length]`, blockwise over the vocabulary (`lm.loss.token_log_probs`)."""
+    hidden_btd, kernel_dv = _hidden_and_head(params, inputs_bt, model)
+    return loss_lib.token_log_probs(hidden_btd, kernel_dv, targets_bt, chunk_size=config.loss.chunk_size,
+                                    logit_softcap=config.model.logit_softcap)
+
+
+def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None):
+    """The final hidden states `[batch, length, d]` and the LM head `[d, vocab]` (both in the compute dtype)."""
+
+    def hidden_and_head(module: model_lib.Transformer):
+        return module(inputs_bt, positions_bt, segment_ids_bt), module.output_kernel()
+
+    return model.apply({"params": params}, method=hidden_and_head)

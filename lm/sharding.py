@@ -154,6 +154,12 @@ def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh)
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), logical_rules(config)))
 
 
+def row_shards(batch: NamedSharding) -> int:
+    """How many pieces the `[batch, length]` sharding `batch` cuts the rows into: row counts must be multiples."""
+    devices = batch.mesh.size
+    return devices // batch.shard_shape((devices, 1))[0]
+
+
 def _without_axes(rules, removed: Sequence[str]):
     """The rules with some mesh axes removed (e.g. parameters below ZeRO stage 3 are not split over data axes)."""
     out = []

@@ -45,8 +45,11 @@ class Tokenizer(abc.ABC):
     chat_template: str | None = None  # A Jinja template of the model's chat format, when its files carry one.
 
     @abc.abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, without BOS/EOS (callers add those where a document needs them)."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of `text`. By default without BOS/EOS (callers add those where a document needs them);
+        `add_special_tokens=True` adds what the tokenizer itself adds to a text: a `tokenizer.json`'s post-processor
+        (Llama's BOS, none for GPT-2), as transformers' `tokenizer.encode(text)` does; BOS for a SentencePiece model,
+        as lm's training documents start."""
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
@@ -96,8 +99,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id, self.eos_id = _special(processor.bos_id()), _special(processor.eos_id())
         self.pad_id = _special(processor.pad_id())
 
-    def encode(self, text: str) -> list[int]:
-        return self.processor.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        bos = [self.bos_id] if add_special_tokens and self.bos_id is not None else []
+        return bos + self.processor.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.decode(list(ids))
@@ -160,8 +164,8 @@ class HuggingFaceTokenizer(Tokenizer):
             raise ConfigError(f"{what}: special token {token!r} is not in the vocabulary")
         return token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
