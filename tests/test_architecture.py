@@ -113,6 +113,8 @@ def test_every_lm_exception_derives_from_the_one_base_class():
     (["lm.preflight", "--config=configs/tiny.py", "--mesh=data=2,gpus=4"], "error: --mesh='data=2,gpus=4': 'gpus=4'"),
     (["lm.data.tokenizer_training", "--config=configs/tiny.py", "--config.data.source=files"],
      "error: config.data.source='files' needs config.data.files"),
+    (["lm.harness", "--model", "lm", "--model_args", "workdir=WORKDIR,dtype=float16", "--tasks", "lm_arithmetic"],
+     "error: --model_args: lm takes workdir, step, max_length, max_gen_toks and seed, not dtype"),
 ])
 def test_every_program_prints_an_lm_error_as_one_line_and_exits_1(tmp_path, command, message):
     workdir = str(tmp_path)

@@ -83,6 +83,18 @@ def test_generation_stops_at_eos_and_pads_nothing_after_it():
         assert row == (full[:full.index(eos) + 1] if eos in full else full)
 
 
+def test_rows_stop_at_any_stop_id_and_a_longer_prompt_length_changes_nothing():
+    config, _, params = small_config(2)
+    greedy = generate.generate(config, params, PROMPTS, max_new_tokens=6)
+    stops = {greedy[0][3], greedy[1][1]}
+    stopped = generate.generate(config, params, PROMPTS, max_new_tokens=6, stop_ids=sorted(stops), prompt_length=40)
+    for row, full in zip(stopped, greedy):
+        ends = [i for i, token in enumerate(full) if token in stops]
+        assert row == (full[:ends[0] + 1] if ends else full)
+    with pytest.raises(generate.ArgumentError, match="prompt_length=2 is shorter"):
+        generate.generate(config, params, PROMPTS, max_new_tokens=6, prompt_length=2)
+
+
 def test_temperature_to_zero_equals_greedy():
     config, _, params = small_config(2)
     greedy = generate.generate(config, params, PROMPTS, max_new_tokens=8)

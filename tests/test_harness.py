@@ -34,22 +34,31 @@ pytestmark = pytest.mark.slow
 MAX_LENGTH = 64
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    """`(hf directory, lm workdir)` of a tiny random Llama whose tokenizer adds BOS to every text, as Llama 3's
-    does (a post-processor), saved by transformers and imported into lm in float32."""
-    root = tmp_path_factory.mktemp("harness")
+def save_imported(root):
+    """`(hf directory, lm workdir)` under `root` of a tiny random Llama whose tokenizer adds BOS to every text, as
+    Llama 3's does (a post-processor), saved by transformers and imported into lm in float32."""
     tokenizer = test_hf.make_hf_tokenizer()
     bos = tokenizer.convert_tokens_to_ids("<s>")
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    test_hf.save_hf_model("llama3 rope scaling", root / "hf", tokenizer)
-    convert.import_checkpoint(str(root / "hf"), str(root / "workdir"), test_hf.FP32)
-    return str(root / "hf"), str(root / "workdir")
+    hf_dir, workdir = os.path.join(root, "hf"), os.path.join(root, "workdir")
+    test_hf.save_hf_model("llama3 rope scaling", hf_dir, tokenizer)
+    convert.import_checkpoint(hf_dir, workdir, test_hf.FP32)
+    return hf_dir, workdir
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    return save_imported(str(tmp_path_factory.mktemp("harness")))
 
 
 def one_device_mesh():
     return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+
+
+def shipped_tasks():
+    """A task manager of lm's tasks alone: indexing the harness's thousands of built-in tasks takes 10 s."""
+    return TaskManager(include_path=harness.TASKS_DIR, include_defaults=False)
 
 
 def run_tasks(model, task_manager):
@@ -62,8 +71,7 @@ def run_tasks(model, task_manager):
 def results(imported):
     """The harness's results of HFLM and of lm in three placements, computed once for the module's tests."""
     hf_dir, workdir = imported
-    # Only lm's tasks: indexing the harness's thousands of built-in tasks takes 10 s each time.
-    tasks = TaskManager(include_path=harness.TASKS_DIR, include_defaults=False)
+    tasks = shipped_tasks()
     return {
         "hf": run_tasks(HFLM(pretrained=hf_dir, batch_size=1, max_length=MAX_LENGTH, device="cpu",
                              dtype="float32"), tasks),

@@ -255,6 +255,22 @@ def test_accuracy_counts_tokens_whose_target_is_the_argmax():
     np.testing.assert_allclose(aux["accuracy"], 20 / 90, rtol=1e-6)
 
 
+@pytest.mark.parametrize("logit_softcap", [None, 3.0])
+def test_token_log_probs_equal_the_full_log_softmax_and_its_argmax(logit_softcap):
+    hidden, kernel, _ = inputs(96, 50, 16)
+    logits = jnp.einsum("nd,dv->nv", hidden, kernel, precision=jax.lax.Precision.HIGHEST)
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    argmax = jnp.argmax(logits, -1)
+    targets = jnp.where(jnp.arange(96) % 3 == 0, argmax, (argmax + 1 + jnp.arange(96)) % 50)
+    log_probs, is_argmax = loss_lib.token_log_probs(hidden.reshape(4, 24, 16), kernel, targets.reshape(4, 24),
+                                                    chunk_size=7, logit_softcap=logit_softcap)
+    assert log_probs.shape == is_argmax.shape == (4, 24)
+    expected = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+    np.testing.assert_allclose(log_probs.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(is_argmax.reshape(-1), targets == argmax)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(kernel=jnp.zeros((8, 10))), "same d"),
     (dict(targets=jnp.zeros((5,), jnp.int32)), "targets must have shape"),

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lm import checkpoint
+from lm import config as lm_config
 from lm import generate as generate_lib
 from lm import model as model_lib
 from lm import objective
@@ -93,25 +94,25 @@ class HarnessModel(TemplateLM):
         del max_batch_size, trust_remote_code
         if device is not None:
             log.info("lm places the model on JAX's devices (the mesh); device=%r is ignored", device)
+        # Everything cheap is checked before the weights are read.
         self._batch_size = _positive_int(batch_size, "batch_size")
+        self._max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
         self.workdir = workdir
-        tokenizer = tokenizer_lib.from_workdir(workdir)
-        restored = checkpoint.restore(workdir, step, mesh)
-        self.config, self.params, self.step, self.shardings = (
-            restored.config, restored.params, restored.step, restored.shardings)
-        self.tokenizer = tokenizer
-        tokenizer_lib.check_vocab_size(tokenizer, self.config)
-        if tokenizer.eos_id is None and tokenizer.bos_id is None:
-            raise ArgumentError(f"{workdir}: the tokenizer has neither BOS nor EOS, one of which starts an empty "
-                                "context")
+        self.config = lm_config.read_config(workdir)
         most = self.config.model.max_seq_len
         self._max_length = most if max_length is None else _positive_int(max_length, "max_length")
         if self._max_length > most:
             raise ArgumentError(f"max_length={self._max_length} exceeds the model's config.model.max_seq_len={most}")
-        self._max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
+        self.tokenizer = tokenizer_lib.from_workdir(workdir)
+        tokenizer_lib.check_vocab_size(self.tokenizer, self.config)
+        if self.tokenizer.eos_id is None and self.tokenizer.bos_id is None:
+            raise ArgumentError(f"{workdir}: the tokenizer has neither BOS nor EOS, one of which starts an empty "
+                                "context")
+        restored = checkpoint.restore(workdir, step, mesh, config=self.config)
+        self.params, self.step, self.shardings = restored.params, restored.step, restored.shardings
         self._seed = int(seed)
-        self._rows = -(-self._batch_size // sharding_lib.row_shards(self.shardings.batch)) * sharding_lib.row_shards(
-            self.shardings.batch)
+        shards = sharding_lib.row_shards(self.shardings.batch)
+        self._rows = -(-self._batch_size // shards) * shards  # Rows of every batch, padding rows included.
         self._score = _scorer(self.config, self.shardings)
         self._stop_ids: dict[tuple[str, ...], tuple[int, ...]] = {}
 
