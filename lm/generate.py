@@ -141,7 +141,7 @@ def generate(config: ml_collections.ConfigDict, params, prompts: list[list[int]]
     stops = tuple(sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set())))
     with shardings.activation_rules():
         new_tokens_bt, _ = _generate(
-            nn.unbox(params), jax.device_put(prompt_bt, shardings.batch), jnp.asarray(start_b),
+            nn.unbox(params), sharding_lib.from_host(prompt_bt, shardings.batch), start_b,
             jax.random.key(seed), model=model, max_new_tokens=max_new_tokens, sampling=sampling,
             stop_ids=stops, pad_id=pad_id)
     completions = []

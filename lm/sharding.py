@@ -154,6 +154,12 @@ def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh)
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), logical_rules(config)))
 
 
+def from_host(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array of a host array that every process holds whole (each process places its own devices' pieces;
+    `jax.device_put` would need every device to be this process's)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def row_shards(batch: NamedSharding) -> int:
     """How many pieces the `[batch, length]` sharding `batch` cuts the rows into: row counts must be multiples."""
     devices = batch.mesh.size

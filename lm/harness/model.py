@@ -192,7 +192,7 @@ class HarnessModel(TemplateLM):
             inputs_bt[b, :len(tokens) - 1] = tokens[:-1]
             targets_bt[b, :len(tokens) - 1] = tokens[1:]
             weights_bt[b, len(tokens) - 1 - count:len(tokens) - 1] = 1.0
-        arrays = [_global(a, self.shardings.batch) for a in (inputs_bt, targets_bt, weights_bt)]
+        arrays = [sharding_lib.from_host(a, self.shardings.batch) for a in (inputs_bt, targets_bt, weights_bt)]
         log_prob_sum_b, all_greedy_b = jax.device_get(self._score(self.params, *arrays))
         return np.asarray(log_prob_sum_b)[:len(sequences)], np.asarray(all_greedy_b)[:len(sequences)]
 
@@ -282,11 +282,6 @@ def _scorer(config, shardings: sharding_lib.Shardings):
 
     batch = shardings.batch
     return jax.jit(score, in_shardings=(shardings.params, batch, batch, batch), out_shardings=shardings.replicated)
-
-
-def _global(host_bt: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
-    """A global array of a host array every process holds whole (each process places its own devices' pieces)."""
-    return jax.make_array_from_callback(host_bt.shape, sharding, lambda index: host_bt[index])
 
 
 def _positive_int(value, name: str) -> int:
