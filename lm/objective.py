@@ -9,7 +9,10 @@ padding), `segment_ids` and `positions` (int32) for packed rows (`lm.data.packin
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from lm import loss as loss_lib
@@ -33,12 +36,24 @@ def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, c
 
 
 def target_log_probs(params, inputs_bt: jax.Array, targets_bt: jax.Array, model: model_lib.Transformer,
-                     config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+                     config: ml_collections.ConfigDict, candidates: tuple[jax.Array, jax.Array] | None = None):
     """`(log_prob_bt, is_argmax_bt)` of each target given the inputs up to it (one sequence per row, no packing):
-    fp32 and bool `[batch, length]`, blockwise over the vocabulary (`lm.loss.token_log_probs`)."""
+    fp32 and bool `[batch, length]`, blockwise over the vocabulary (`lm.loss.token_log_probs`).
+
+    With `candidates = (position_b, candidates_bk)` (int32 `[batch]`, `[batch, K]`), also `(log_prob_bk,
+    is_argmax_bk)`: K other targets scored at one position of each row, from the same forward pass (the choices of a
+    multiple-choice question whose inputs are the same).
+    """
     hidden_btd, kernel_dv = _hidden_and_head(params, inputs_bt, model)
-    return loss_lib.token_log_probs(hidden_btd, kernel_dv, targets_bt, chunk_size=config.loss.chunk_size,
-                                    logit_softcap=config.model.logit_softcap)
+    scores = functools.partial(loss_lib.token_log_probs, kernel=kernel_dv, chunk_size=config.loss.chunk_size,
+                               logit_softcap=config.model.logit_softcap)
+    log_prob_bt, is_argmax_bt = scores(hidden_btd, targets=targets_bt)
+    if candidates is None:
+        return log_prob_bt, is_argmax_bt
+    position_b, candidates_bk = candidates
+    hidden_bd = jnp.take_along_axis(hidden_btd, position_b[:, None, None], axis=1)[:, 0]
+    hidden_bkd = jnp.broadcast_to(hidden_bd[:, None], (*candidates_bk.shape, hidden_bd.shape[-1]))
+    return (log_prob_bt, is_argmax_bt), scores(hidden_bkd, targets=candidates_bk)
 
 
 def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None):

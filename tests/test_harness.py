@@ -153,10 +153,13 @@ def test_greedy_generation_and_is_greedy_agree_with_the_hf_backend(imported):
             greedy_ids = hf.model.generate(torch.tensor([context_ids]), max_new_tokens=4, do_sample=False,
                                            pad_token_id=0)[0, len(context_ids):].tolist()
         changed_ids = greedy_ids[:2] + [(greedy_ids[2] + 1) % test_hf.VOCAB] + greedy_ids[3:]
-        token_requests += [(None, context_ids, greedy_ids), (None, context_ids, changed_ids)]
+        # One-token answers after the same context share one row in lm (and one forward pass in hf).
+        one_token = [(None, context_ids, [(greedy_ids[0] + shift) % test_hf.VOCAB]) for shift in range(4)]
+        token_requests += [(None, context_ids, greedy_ids), (None, context_ids, changed_ids), *one_token]
     expected, got = hf._loglikelihood_tokens(token_requests), ours._loglikelihood_tokens(token_requests)
     np.testing.assert_allclose([ll for ll, _ in got], [ll for ll, _ in expected], atol=1e-4, rtol=0)
-    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected] == [True, False] * len(contexts)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected] == [
+        True, False, True, False, False, False] * len(contexts)
 
 
 def test_loglikelihood_on_an_lm_run_starts_documents_with_bos_as_training_did(small_run):

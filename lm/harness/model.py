@@ -20,9 +20,12 @@ Tokenization is `Tokenizer.encode(text, add_special_tokens=True)`: what transfor
 imported model's `tokenizer.json`, BOS + text for lm's own SentencePiece runs. An empty context is the prefix token
 (BOS, else EOS).
 
-Execution: requests are sorted by length, longest first (the harness's `Collator`), cut into batches of
-`batch_size` rows (over the whole mesh; padded to a multiple of the data shards), and each batch is right-padded to
-a bucketed length (16, 24, 32, 48, 64, ... up to `max_length`), so an evaluation compiles a handful of shapes. Rows
+Execution: loglikelihood requests that give the model the same input tokens (all of `context + continuation` but
+its last token: the choices of a question with one-token answers) share one row, their last tokens scored together
+at its last position, as `hf` shares its logits among them; rows (generation requests: the harness's `Collator`)
+are sorted by length, longest first, cut into batches of `batch_size` rows (over the whole mesh; padded to a
+multiple of the data shards), and each batch is right-padded to a bucketed length (16, 24, 32, 48, 64, ... up to
+`max_length`), so an evaluation compiles a handful of shapes. Rows
 are placed by the run's sharding rules; per-token log-probabilities come from the blockwise loss machinery
 (`lm.objective.target_log_probs`), never `[tokens, vocab]` logits. Every JAX process runs every request (the
 harness sees one rank; JAX programs are SPMD), so results are the same on every process.
@@ -34,7 +37,6 @@ import json
 import logging
 
 import jax
-import jax.numpy as jnp
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval import utils as harness_utils
@@ -113,7 +115,10 @@ class HarnessModel(TemplateLM):
         self._seed = int(seed)
         shards = sharding_lib.row_shards(self.shardings.batch)
         self._rows = -(-self._batch_size // shards) * shards  # Rows of every batch, padding rows included.
-        self._score = _scorer(self.config, self.shardings)
+        # `[batch]` and `[batch, K]` arrays: rows split as those of `[batch, length]` ones, the rest whole.
+        rows = self.shardings.batch.spec[0] if self.shardings.batch.spec else None
+        self._rows_sharding = jax.sharding.NamedSharding(self.shardings.batch.mesh, jax.sharding.PartitionSpec(rows))
+        self._score = _scorer(self.config, self.shardings, self._rows_sharding)
         self._stop_ids: dict[tuple[str, ...], tuple[int, ...]] = {}
 
     # The harness's view of the model ---------------------------------------------------------------------------
@@ -160,41 +165,60 @@ class HarnessModel(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """`(sum of the continuation's log-probs, every continuation token the argmax)` per
-        `(cache key, context ids, continuation ids)`, in the order given."""
-        collator = harness_model_utils.Collator(
-            requests, sort_fn=lambda request: (-len(request[1]) - len(request[2]), tuple(request[1] + request[2])))
-        results = []
+        `(cache key, context ids, continuation ids)`, in the order given.
+
+        The model reads `(context + continuation)[:-1]`, its last `max_length` tokens. Requests that give it the same
+        tokens (the choices of a multiple-choice question with one-token answers, say) share one row: their last
+        tokens are scored together at the row's last position, as the harness's `hf` backend shares its logits.
+        """
+        rows: dict[tuple[int, ...], list[int]] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            inputs = tuple((context + continuation)[:-1][-self._max_length:])
+            if not 0 < len(continuation) <= len(inputs) + 1:
+                raise ArgumentError(f"a continuation of {len(continuation)} tokens does not fit "
+                                    f"max_length={self._max_length}")
+            rows.setdefault(inputs, []).append(index)
+        ordered = sorted(rows.items(), key=lambda row: (-len(row[0]), row[0]))  # Longest first, as the harness.
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm or jax.process_index() != 0,
                         desc="lm: loglikelihood requests")
-        for chunk in collator.get_batched(n=self._batch_size):
-            log_prob_sums, all_greedy = self._score_batch([context + continuation for _, context, continuation in chunk],
-                                                          [len(continuation) for _, _, continuation in chunk])
-            for (key, _, _), log_prob, greedy in zip(chunk, log_prob_sums, all_greedy):
-                answer = (float(log_prob), bool(greedy))
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, answer)
-                results.append(answer)
-            progress.update(len(chunk))
+        for start in range(0, len(ordered), self._batch_size):
+            batch = ordered[start:start + self._batch_size]
+            log_prob_bt, argmax_bt, last_log_prob_bk, last_argmax_bk = self._score_rows(
+                [inputs for inputs, _ in batch], [[requests[i][2][-1] for i in members] for _, members in batch])
+            for b, (inputs, members) in enumerate(batch):
+                last = len(inputs) - 1  # The position that predicts a continuation's last token.
+                for k, index in enumerate(members):
+                    key, _, continuation = requests[index]
+                    first = last + 1 - len(continuation)
+                    answer = (float(np.sum(log_prob_bt[b, first:last]) + last_log_prob_bk[b, k]),
+                              bool(np.all(argmax_bt[b, first:last]) and last_argmax_bk[b, k]))
+                    if key is not None:
+                        self.cache_hook.add_partial("loglikelihood", key, answer)
+                    results[index] = answer
+                progress.update(len(members))
         progress.close()
-        return collator.get_original(results)
+        return results
 
-    def _score_batch(self, sequences: list[list[int]], scored: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """For each token sequence, its last `max_length + 1` tokens as inputs and next-token targets, of which the
-        last `scored` count: `(log-prob sums [n], all argmax [n])`."""
-        kept = [sequence[-(self._max_length + 1):] for sequence in sequences]
-        length = bucket_length(max(len(k) - 1 for k in kept), self._max_length)
+    def _score_rows(self, inputs: list[tuple[int, ...]], last_targets: list[list[int]]) -> tuple[np.ndarray, ...]:
+        """Scores each row's inputs against its next tokens, and at its last position each of its `last_targets`:
+        `(log_prob_bt, is_argmax_bt, last_log_prob_bk, last_is_argmax_bk)` on the host (the rows of `inputs`)."""
+        length = bucket_length(max(map(len, inputs)), self._max_length)
+        candidates = 1 << (max(map(len, last_targets)) - 1).bit_length()  # A power of two: few compiled shapes.
         inputs_bt = np.zeros((self._rows, length), np.int32)
         targets_bt = np.zeros((self._rows, length), np.int32)
-        weights_bt = np.zeros((self._rows, length), np.float32)
-        for b, (tokens, count) in enumerate(zip(kept, scored)):
-            if count > len(tokens) - 1:
-                raise ArgumentError(f"a continuation of {count} tokens does not fit max_length={self._max_length}")
-            inputs_bt[b, :len(tokens) - 1] = tokens[:-1]
+        last_b = np.zeros((self._rows,), np.int32)
+        last_targets_bk = np.zeros((self._rows, candidates), np.int32)
+        for b, (tokens, targets) in enumerate(zip(inputs, last_targets)):
+            inputs_bt[b, :len(tokens)] = tokens
             targets_bt[b, :len(tokens) - 1] = tokens[1:]
-            weights_bt[b, len(tokens) - 1 - count:len(tokens) - 1] = 1.0
-        arrays = [sharding_lib.from_host(a, self.shardings.batch) for a in (inputs_bt, targets_bt, weights_bt)]
-        log_prob_sum_b, all_greedy_b = jax.device_get(self._score(self.params, *arrays))
-        return np.asarray(log_prob_sum_b)[:len(sequences)], np.asarray(all_greedy_b)[:len(sequences)]
+            last_b[b] = len(tokens) - 1
+            last_targets_bk[b, :len(targets)] = targets
+        arrays = [sharding_lib.from_host(a, sharding) for a, sharding in (
+            (inputs_bt, self.shardings.batch), (targets_bt, self.shardings.batch), (last_b, self._rows_sharding),
+            (last_targets_bk, self._rows_sharding))]
+        scores = jax.device_get(self._score(self.params, *arrays))
+        return tuple(np.asarray(score)[:len(inputs)] for score in scores)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
@@ -268,20 +292,20 @@ class HarnessModel(TemplateLM):
         return self._stop_ids[until]
 
 
-def _scorer(config, shardings: sharding_lib.Shardings):
-    """The jitted `(params, inputs_bt, targets_bt, weights_bt) -> (log_prob_sum_b, all_argmax_b)` over the rows'
-    weighted (scored) positions, replicated on every device."""
+def _scorer(config, shardings: sharding_lib.Shardings, rows_sharding):
+    """The jitted `(params, inputs_bt, targets_bt, last_b, last_targets_bk) -> (log_prob_bt, is_argmax_bt,
+    last_log_prob_bk, last_is_argmax_bk)` (`lm.objective.target_log_probs`), replicated on every device."""
     model = model_lib.build(config)
 
-    def score(params, inputs_bt, targets_bt, weights_bt):
+    def score(params, inputs_bt, targets_bt, last_b, last_targets_bk):
         with shardings.activation_rules():
-            log_prob_bt, is_argmax_bt = objective.target_log_probs(params, inputs_bt, targets_bt, model, config)
-        scored_bt = weights_bt > 0
-        return (jnp.sum(jnp.where(scored_bt, log_prob_bt, 0.0), axis=1),
-                jnp.all(is_argmax_bt | ~scored_bt, axis=1))
+            (log_prob_bt, is_argmax_bt), (last_log_prob_bk, last_is_argmax_bk) = objective.target_log_probs(
+                params, inputs_bt, targets_bt, model, config, candidates=(last_b, last_targets_bk))
+        return log_prob_bt, is_argmax_bt, last_log_prob_bk, last_is_argmax_bk
 
     batch = shardings.batch
-    return jax.jit(score, in_shardings=(shardings.params, batch, batch, batch), out_shardings=shardings.replicated)
+    return jax.jit(score, in_shardings=(shardings.params, batch, batch, rows_sharding, rows_sharding),
+                   out_shardings=shardings.replicated)
 
 
 def _positive_int(value, name: str) -> int:
