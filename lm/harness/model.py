@@ -174,9 +174,9 @@ class HarnessModel(TemplateLM):
         rows: dict[tuple[int, ...], list[int]] = {}
         for index, (_, context, continuation) in enumerate(requests):
             inputs = tuple((context + continuation)[:-1][-self._max_length:])
-            if not 0 < len(continuation) <= len(inputs) + 1:
-                raise ArgumentError(f"a continuation of {len(continuation)} tokens does not fit "
-                                    f"max_length={self._max_length}")
+            if not 0 < len(continuation) <= len(inputs):  # (An empty context would leave nothing to condition on.)
+                raise ArgumentError(f"a request needs a context token and a continuation of 1 to "
+                                    f"max_length={self._max_length} tokens, got {len(context)} and {len(continuation)}")
             rows.setdefault(inputs, []).append(index)
         ordered = sorted(rows.items(), key=lambda row: (-len(row[0]), row[0]))  # Longest first, as the harness.
         results: list[tuple[float, bool] | None] = [None] * len(requests)
