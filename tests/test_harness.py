@@ -3,6 +3,7 @@ the same weights: a tiny random Llama built with transformers, imported into lm;
 every request compared; batch size, bucketing and an 8-device mesh change nothing; the command line."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -129,11 +130,25 @@ def test_batch_size_bucketing_and_an_8_device_mesh_change_nothing(results):
         assert_same_scores(results[placement], one)
 
 
-def test_the_shipped_tasks_are_scored_by_their_metrics(results):
-    scores = results["hf"]["results"]
-    assert 0 <= scores["lm_python_choice"]["acc,none"] <= 1
-    assert scores["lm_python_perplexity"]["byte_perplexity,none"] > 1
-    assert 0 <= scores["lm_arithmetic"]["exact_match,strip"] <= 1
+def test_the_shipped_tasks_scores_follow_from_their_data_and_the_responses(results):
+    """The task files are wired as meant: every line of each JSON lines file is a document; accuracy is the share of
+    questions whose `gold` choice has the largest log-likelihood; byte perplexity is exp(-log-likelihood / UTF-8
+    bytes) over the documents; exact match compares the generation, leading space removed, with the sum."""
+    result = results["lm, 1 device, batch 32"]
+    for task in harness.SHIPPED_TASKS:
+        with open(os.path.join(harness.TASKS_DIR, f"{task}.jsonl")) as f:
+            assert [sample["doc"] for sample in result["samples"][task]] == [json.loads(line) for line in f]
+    questions = result["samples"]["lm_python_choice"]
+    accuracy = np.mean([np.argmax([ll for [(ll, _)] in q["resps"]]) == q["doc"]["gold"] for q in questions])
+    assert result["results"]["lm_python_choice"]["acc,none"] == pytest.approx(accuracy)
+    documents = result["samples"]["lm_python_perplexity"]
+    log_likelihood = sum(ll for document in documents for [ll] in document["resps"])
+    text_bytes = sum(len(document["doc"]["text"].encode()) for document in documents)
+    assert result["results"]["lm_python_perplexity"]["byte_perplexity,none"] == pytest.approx(
+        math.exp(-log_likelihood / text_bytes), rel=1e-6)
+    sums = result["samples"]["lm_arithmetic"]
+    exact = np.mean([s["resps"][0][0].lstrip() == s["doc"]["answer"] for s in sums])
+    assert result["results"]["lm_arithmetic"]["exact_match,strip"] == pytest.approx(exact)
 
 
 def test_greedy_generation_and_is_greedy_agree_with_the_hf_backend(imported):

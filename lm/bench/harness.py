@@ -39,14 +39,19 @@ _WORKER = flags.DEFINE_enum("worker", None, ["lm", "hf"], "Internal: run one sid
 _ROOT = flags.DEFINE_string("root", None, "Internal: the directory holding hf/ and workdir/.")
 
 
-def requests(count: int) -> list[tuple[str, str]]:
-    """`count` seeded (context, continuation) pairs cut from the shipped perplexity task's documents."""
+def documents() -> list[str]:
+    """The shipped perplexity task's Python modules."""
     with open(os.path.join(harness.TASKS_DIR, "lm_python_perplexity.jsonl")) as f:
-        documents = [json.loads(line)["text"] for line in f]
+        return [json.loads(line)["text"] for line in f]
+
+
+def requests(count: int) -> list[tuple[str, str]]:
+    """`count` seeded (context, continuation) pairs cut from `documents()`."""
+    texts = documents()
     rng = random.Random(0)
     pairs = []
     for _ in range(count):
-        document = rng.choice(documents)
+        document = rng.choice(texts)
         context_chars, continuation_chars = rng.randint(200, 600), rng.randint(10, 60)
         start = rng.randint(0, max(0, len(document) - context_chars - continuation_chars))
         middle = start + context_chars
@@ -63,12 +68,10 @@ def save_models(root: str) -> None:
 
     from lm.hf import convert
 
-    with open(os.path.join(harness.TASKS_DIR, "lm_python_perplexity.jsonl")) as f:
-        texts = [json.loads(line)["text"] for line in f]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts * 10, trainers.BpeTrainer(
+    tokenizer.train_from_iterator(documents() * 10, trainers.BpeTrainer(
         vocab_size=1024, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                                 pad_token="<pad>")

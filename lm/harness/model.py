@@ -25,10 +25,10 @@ its last token: the choices of a question with one-token answers) share one row,
 at its last position, as `hf` shares its logits among them; rows (generation requests: the harness's `Collator`)
 are sorted by length, longest first, cut into batches of `batch_size` rows (over the whole mesh; padded to a
 multiple of the data shards), and each batch is right-padded to a bucketed length (16, 24, 32, 48, 64, ... up to
-`max_length`), so an evaluation compiles a handful of shapes. Rows
-are placed by the run's sharding rules; per-token log-probabilities come from the blockwise loss machinery
-(`lm.objective.target_log_probs`), never `[tokens, vocab]` logits. Every JAX process runs every request (the
-harness sees one rank; JAX programs are SPMD), so results are the same on every process.
+`max_length`), so an evaluation compiles a handful of shapes. Rows are placed by the run's sharding rules;
+per-token log-probabilities come from the blockwise loss machinery (`lm.objective.target_log_probs`), never
+`[tokens, vocab]` logits. Every JAX process runs every request (the harness sees one rank; JAX programs are SPMD),
+so results are the same on every process.
 """
 
 from __future__ import annotations
@@ -284,12 +284,11 @@ class HarnessModel(TemplateLM):
     def _stop_token_ids(self, until: tuple[str, ...]) -> tuple[int, ...]:
         """Ids whose text alone holds a stop sequence: a row that samples one has met its stop sequence, so it can
         stop (the text is cut at the stop sequence either way)."""
-        if until not in self._stop_ids:
-            stops = [s for s in until if s]
-            self._stop_ids[until] = tuple(
-                i for i in range(self.tokenizer.vocab_size)
-                if stops and any(s in self.tokenizer.decode([i]) for s in stops))
-        return self._stop_ids[until]
+        stops = [s for s in until if s]
+        if stops and until not in self._stop_ids:
+            self._stop_ids[until] = tuple(i for i in range(self.tokenizer.vocab_size)
+                                          if any(s in self.tokenizer.decode([i]) for s in stops))
+        return self._stop_ids.get(until, ())
 
 
 def _scorer(config, shardings: sharding_lib.Shardings, rows_sharding):
@@ -312,7 +311,8 @@ def _positive_int(value, name: str) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise ArgumentError(f"{name}={value!r}: expected a positive integer (lm has no 'auto' batch size)") from None
+        hint = " (lm has no 'auto' batch size)" if name == "batch_size" else ""
+        raise ArgumentError(f"{name}={value!r}: expected a positive integer{hint}") from None
     if number < 1 or number != float(value):
         raise ArgumentError(f"{name}={value!r}: expected a positive integer")
     return number
