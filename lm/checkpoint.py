@@ -10,7 +10,8 @@ Each checkpoint step directory holds three items saved together:
 
 `restore(workdir, step, mesh)` is the reader for evaluation, sampling and notebooks: the run's config and its
 parameters only (the optimizer state too when the caller passes its optimizer), placed on any mesh. It imports no
-training code.
+training code. A PEFT run's checkpoints hold its adapters only (`lm.peft`); its config's `init_from`
+(`ABSOLUTE_DIR:STEP`) points to the base, and `restore` reads both and returns the one tree the model applies.
 
 Orbax writes a step into a temporary directory and renames it when every item is complete, and removes leftover
 temporary directories on start, so a checkpoint that was being written when the process died is never restored.
@@ -30,11 +31,18 @@ import orbax.checkpoint as ocp
 
 from lm import config as lm_config
 from lm import paths
+from lm import peft
 from lm import sharding as sharding_lib
 from lm.errors import CheckpointError, LmError
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"  # Where a trainer moves checkpoints it cannot read (nothing is deleted).
+
+
+def workdir_and_step(spec: str) -> tuple[str, int | None]:
+    """`DIR:STEP` -> `(DIR, STEP)`; `DIR` -> `(DIR, None)` (the form of `config.init_from` for an lm workdir)."""
+    path, _, step = spec.rpartition(":")
+    return (path, int(step)) if path and step.isdigit() else (spec, None)
 
 
 def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -165,8 +173,11 @@ def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | Non
         `lm.sharding.default_mesh`). Parameters take the shardings `config`'s rules give on this mesh.
       config: the config to build the model from (default: the run's own, `workdir/config.json`); it must describe
         the same parameter shapes as the checkpoint.
-      optimizer: the run's optimizer (`lm.optim.make_optimizer(config)`) to also read its state, placed by the ZeRO
-        stage; None reads only the parameters.
+      optimizer: the run's optimizer (`lm.optim.make_optimizer(config)`) to also read its state (of the trainable
+        parameters), placed by the ZeRO stage; None reads only the parameters.
+
+    A PEFT run's adapters are read from its checkpoint and its base from `config.init_from` (module docstring); the
+    parameters returned are the two combined.
 
     Without `step`, a latest checkpoint that cannot be read (a file missing or truncated) is reported and the newest
     readable one is used.
@@ -183,7 +194,8 @@ def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | Non
             raise CheckpointError(f"step {step} is not among the checkpoints kept in {workdir}: {sorted(steps)}")
         mesh = sharding_lib.default_mesh(config) if mesh is None else mesh
         shardings = sharding_lib.model_shardings(config, mesh, optimizer)
-        target = {"params": sharding_lib.abstract_arrays(shardings.abstract_params, shardings.params)}
+        # The checkpoint holds the trainable parameters: all of them, or a PEFT run's adapters.
+        target = {"params": sharding_lib.abstract_arrays(shardings.abstract_trainable, shardings.trainable)}
         if optimizer is not None:
             target["opt_state"] = sharding_lib.abstract_arrays(
                 jax.eval_shape(optimizer.init, target["params"]), shardings.opt_state)
@@ -200,7 +212,11 @@ def restore(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | Non
         step, state, _ = _newest_restorable(checkpoints, steps if step is None else [step], restore_one)
     finally:
         checkpoints.close()
-    return Restored(config, state["params"], step, shardings, state.get("opt_state"))
+    params = state["params"]
+    if peft.is_peft(config):
+        base_dir, base_step = workdir_and_step(config.init_from)
+        params = peft.combine(restore(base_dir, base_step, mesh, config=peft.base_config(config)).params, params)
+    return Restored(config, params, step, shardings, state.get("opt_state"))
 
 
 def _reader(workdir: str) -> ocp.CheckpointManager:

@@ -37,6 +37,11 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "data.source": ("default", "tfds", "files", "synthetic"),
+    "data.format": ("text", "prompt_completion", "chat"),
+    "data.overlong": ("truncate", "drop"),
+    "finetune.method": ("full", "lora", "prefix", "loreft"),
+    "finetune.objective": ("lm",),
+    "finetune.lora.init": ("a_gaussian_b_zero", "a_zero_b_gaussian", "both_gaussian"),
     "optim.optimizer": ("adamw", "lion", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
@@ -45,7 +50,8 @@ CHOICES = {
 POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
     "model.mlp_dim", "model.max_seq_len", "loss.chunk_size", "data.seq_len", "data.batch_size", "data.shuffle_buffer",
-    "optim.microbatches", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "optim.microbatches", "finetune.lora.rank", "finetune.prefix.length", "finetune.prefix.hidden",
+    "finetune.loreft.rank", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "max_consecutive_skips",
 )
 # Integer fields that must be >= 0.
@@ -59,6 +65,8 @@ RANGES = {
     "model.norm_eps": ("> 0", lambda v: v > 0),
     "model.init_std": ("> 0", lambda v: v > 0),
     "loss.z_loss": (">= 0", lambda v: v >= 0),
+    "finetune.lora.alpha": ("> 0", lambda v: v > 0),
+    "finetune.lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "loss.label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
     "optim.learning_rate": ("> 0", lambda v: v > 0),
     "optim.end_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
@@ -163,6 +171,14 @@ def base_config() -> ml_collections.ConfigDict:
     d.batch_size = 16  # Global batch (sequences) across all processes.
     d.pack = True  # Pack documents into full windows; False: one document per row, padded.
     d.shuffle_buffer = 1024  # Documents shuffled within a window, for TFRecord datasets read in order.
+    # What a record is: text (documents for pretraining); prompt_completion (JSON lines {"prompt", "completion"}) or
+    # chat (JSON lines {"messages": [{"role", "content"}, ...]}) for supervised fine-tuning, where the loss counts
+    # only completion / assistant tokens (lm/data/sft.py). Fine-tuning records come from config.data.files.
+    d.format = "text"
+    # chat: "" uses the tokenizer's own template (tokenizer_config.json) or, without one, lm's built-in plain
+    # template; "plain" forces the built-in one; anything else is a Jinja template string.
+    d.chat_template = ""
+    d.overlong = "truncate"  # A fine-tuning example longer than seq_len + 1 tokens: truncate | drop (both counted).
     d.cache_dir = config_dict.placeholder(str)  # Prepared local datasets and tokenizers; None: $LM_CACHE_DIR or ~/.cache/lm.
     d.tokenizer = t = ml_collections.ConfigDict()
     # A SentencePiece .model, a Hugging Face tokenizer.json, or a directory with either; None: train a SentencePiece
@@ -189,6 +205,28 @@ def base_config() -> ml_collections.ConfigDict:
     o.decay_embeddings = False  # Weight decay on embeddings (never on norms or biases).
     o.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
     o.microbatches = 1  # Gradient accumulation: the global batch is split into this many sequential micro-batches.
+
+    # Fine-tuning (lm/peft.py): full (every parameter trains) or a parameter-efficient method whose adapters are
+    # their own parameter tree over a frozen base read from config.init_from.
+    c.finetune = f = ml_collections.ConfigDict()
+    f.method = "full"  # full | lora | prefix | loreft
+    f.objective = "lm"  # Next-token loss on the data's trained tokens.
+    f.lora = ml_collections.ConfigDict()
+    f.lora.rank = 8
+    f.lora.alpha = 16.0  # The update is scaled by alpha / rank.
+    f.lora.dropout = 0.0  # Dropout on the adapter's input, in training only.
+    # Projections that get an adapter: query, key, value, out (attention), gate, up, down (MLP).
+    f.lora.targets = ("query", "key", "value", "out", "gate", "up", "down")
+    # a_gaussian_b_zero (standard: the update starts at 0 and both factors learn), a_zero_b_gaussian (starts at 0,
+    # but B gets no gradient at step 0), both_gaussian (the model changes at step 0).
+    f.lora.init = "a_gaussian_b_zero"
+    f.prefix = ml_collections.ConfigDict()
+    f.prefix.length = 16  # Learned key/value vectors per layer.
+    f.prefix.reparameterize = False  # Prefixes made by a per-layer MLP from learned embeddings (Li & Liang 2021).
+    f.prefix.hidden = 512  # Hidden width of that MLP.
+    f.loreft = ml_collections.ConfigDict()
+    f.loreft.rank = 4  # Dimension of the edited subspace.
+    f.loreft.layers = ()  # Layer indices whose output is edited; () means every layer.
 
     # Where a new run's weights come from: "" (random init), an lm workdir DIR or DIR:STEP, or a Hugging Face model
     # directory or hub id; the model fields then come from it too (lm/init_from.py).
@@ -296,7 +334,38 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     eval_steps = config.eval_steps
     if not isinstance(eval_steps, int) or isinstance(eval_steps, bool) or not (eval_steps == -1 or eval_steps > 0):
         raise ConfigError(f"config.eval_steps must be a positive integer or -1 (the whole split), got {eval_steps!r}")
+    _validate_finetune(config)
     return config
+
+
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+
+
+def _validate_finetune(config: ml_collections.ConfigDict) -> None:
+    f = config.finetune
+    unknown = [t for t in f.lora.targets if t not in LORA_TARGETS]
+    if not f.lora.targets or unknown or isinstance(f.lora.targets, str):
+        raise ConfigError(f"config.finetune.lora.targets={tuple(f.lora.targets)!r} must be a non-empty tuple of "
+                          f"{', '.join(LORA_TARGETS)}")
+    if config.model.mlp_activation != "swiglu" and "gate" in f.lora.targets and f.method == "lora":
+        raise ConfigError("config.finetune.lora.targets has 'gate', but a GELU MLP (config.model.mlp_activation="
+                          "'gelu') has no gate projection")
+    layers = tuple(f.loreft.layers)
+    if any(not isinstance(i, int) or not 0 <= i < config.model.num_layers for i in layers):
+        raise ConfigError(f"config.finetune.loreft.layers={layers!r} must hold layer indices in [0, "
+                          f"{config.model.num_layers})")
+    if f.loreft.rank > config.model.d_model:
+        raise ConfigError(f"config.finetune.loreft.rank={f.loreft.rank} must be at most config.model.d_model="
+                          f"{config.model.d_model}")
+    if f.method != "full" and not config.init_from:
+        raise ConfigError(f"config.finetune.method={f.method!r} adapts a base model: set config.init_from to its lm "
+                          f"workdir (DIR or DIR:STEP; import a Hugging Face model first with python -m lm.hf import)")
+    if config.data.format != "text" and not (config.data.tokenizer.path or config.init_from):
+        raise ConfigError(f"config.data.format={config.data.format!r} needs the base model's tokenizer: set "
+                          f"config.init_from (or config.data.tokenizer.path)")
+    if config.data.format != "text" and config.data.source != "files":
+        raise ConfigError(f"config.data.format={config.data.format!r} reads JSON lines: set config.data.source='files' "
+                          f"and config.data.files")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,7 +418,8 @@ def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Raises if `workdir` holds a run whose model differs from `config.model` (its checkpoints would not fit)."""
     if not paths.resolve(workdir, CONFIG_FILE).exists():
         return
-    saved = read_config(workdir).model.to_dict()
+    saved_config = read_config(workdir)
+    saved = saved_config.model.to_dict()
     current = config.model.to_dict()
     differences = [f"{k}: {saved.get(k)!r} in the workdir, {current.get(k)!r} now"
                    for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
@@ -357,3 +427,10 @@ def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
         raise CheckpointError(
             f"{workdir} holds a run of another model (config.model {'; '.join(differences)}); use a new --workdir "
             f"or the original config")
+    adapters = lambda c: (c.finetune.method, c.finetune.get(c.finetune.method, ml_collections.ConfigDict()).to_dict())
+    if adapters(saved_config) != adapters(config):
+        raise CheckpointError(f"{workdir} holds a run with other adapters (config.finetune {adapters(saved_config)} "
+                              f"there, {adapters(config)} now); use a new --workdir or the original config")
+    if config.finetune.method != "full" and saved_config.init_from != config.init_from:
+        raise CheckpointError(f"{workdir} holds adapters of the base {saved_config.init_from}, but config.init_from is "
+                              f"{config.init_from} now; resume with --config.init_from={saved_config.init_from}")

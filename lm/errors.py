@@ -74,3 +74,7 @@ class EmptyDatasetError(DataError):
 
 class TextFieldError(DataError):
     """The configured text field is not a feature of the dataset, or a JSON-lines record lacks it."""
+
+
+class RecordError(DataError):
+    """A fine-tuning record does not follow `config.data.format` (the message names the file and line)."""

@@ -10,6 +10,11 @@ execution choices the run makes itself (`EXECUTION_FIELDS`: compute and storage 
 scan, rematerialisation), and the source's tokenizer unless `config.data.tokenizer.path` names one. Only parameters
 are taken: the optimizer state starts fresh and the step counter at 0. A run whose workdir already has checkpoints
 resumes from them; `init_from` then only has to name the same model.
+
+A PEFT run (`config.finetune.method` lora, prefix or loreft; `lm.peft`) keeps its source as a frozen base that
+its checkpoints point to: the source must be an lm workdir (import a Hugging Face model first) whose run has no
+adapters itself, and `init_from` is pinned to `ABSOLUTE_DIR:STEP`, so the adapters are always read back onto the
+weights they were trained on (`lm.checkpoint.restore`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import ml_collections
 
 from lm import checkpoint
 from lm import config as lm_config
+from lm import peft
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 
@@ -28,9 +34,9 @@ EXECUTION_FIELDS = ("dtype", "param_dtype", "attention", "scan_layers", "remat_p
 
 def _source(init_from: str) -> tuple[str, str, int | None]:
     """`(kind, directory, step)`: kind `lm` (a workdir) or `hf` (a Hugging Face model directory)."""
-    path, _, step = init_from.rpartition(":")
-    if path and step.isdigit() and os.path.isdir(path):
-        return "lm", path, int(step)
+    path, step = checkpoint.workdir_and_step(init_from)
+    if step is not None and os.path.isdir(path):
+        return "lm", path, step
     if os.path.isfile(os.path.join(init_from, lm_config.CONFIG_FILE)) and os.path.isdir(
             os.path.join(init_from, checkpoint.CHECKPOINT_DIR)):
         return "lm", init_from, None
@@ -48,9 +54,18 @@ def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.Confi
     itself when `init_from` is empty."""
     if not config.init_from:
         return config
-    kind, directory, _ = _source(config.init_from)
+    kind, directory, step = _source(config.init_from)
+    adapted = peft.is_peft(config)
+    if adapted and kind != "lm":
+        raise ConfigError(f"config.finetune.method={config.finetune.method!r} needs config.init_from to be an lm "
+                          f"workdir (the frozen base its checkpoints point to); {config.init_from!r} is a Hugging Face "
+                          f"model: import it first with python -m lm.hf import --hf={config.init_from} --workdir=DIR")
     if kind == "lm":
-        model = lm_config.to_dict(lm_config.read_config(directory))["model"]
+        source_config = lm_config.read_config(directory)
+        if adapted and peft.is_peft(source_config):
+            raise ConfigError(f"config.init_from={config.init_from!r} is a run with {source_config.finetune.method} "
+                              f"adapters; a PEFT run's base must have none (export it merged and import that)")
+        model = lm_config.to_dict(source_config)["model"]
     else:
         from lm.hf import architectures, convert
 
@@ -62,14 +77,18 @@ def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.Confi
         resolved.data.tokenizer.path = directory
     if kind == "hf":
         architectures.check_sliding_window(hf_config, resolved, os.path.join(directory, "config.json"))
+    if adapted:
+        step = checkpoint.kept_steps(directory)[-1] if step is None else step
+        resolved.init_from = f"{os.path.abspath(directory)}:{step}"
     return lm_config.validate(resolved)
 
 
 def initial_params(config: ml_collections.ConfigDict, shardings):
-    """The parameters of `config.init_from`, in `config.model.param_dtype`, placed by `shardings.params`."""
+    """The parameters of `config.init_from`, in `config.model.param_dtype`, placed by `shardings.params` (a PEFT
+    run: its frozen base, placed by `shardings.frozen`)."""
     kind, directory, step = _source(config.init_from)
     if kind == "lm":
-        return checkpoint.restore(directory, step, shardings.mesh, config=config).params
+        return checkpoint.restore(directory, step, shardings.mesh, config=peft.base_config(config)).params
     from lm.hf import weights
 
     return weights.load_params(weights.SafetensorsReader(directory), config, shardings)

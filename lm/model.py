@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import attention as attention_lib
+from lm import peft
 from lm.config import head_dim
 
 Initializer = Any
@@ -48,6 +49,13 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConf
     """The hashable model section of a run config (accepts the whole config or `config.model`)."""
     section = config.model if "model" in config else config
     return ml_collections.FrozenConfigDict(section)
+
+
+def _lora(peft_cfg, projection: str):
+    """`config.finetune.lora` if the run puts a LoRA adapter on projections named `projection`, else None."""
+    if peft_cfg is None or peft_cfg.method != "lora" or projection not in peft_cfg.lora.targets:
+        return None
+    return peft_cfg.lora
 
 
 def _kernel_init(cfg, fan_in_axes: tuple[int, ...], fan_out_axes: tuple[int, ...], output_projection: bool):
@@ -85,6 +93,7 @@ class Projection(nn.Module):
     fan_out_axes: tuple[int, ...]
     output_projection: bool = False
     use_bias: bool = False
+    lora: Any = None  # `config.finetune.lora` when this projection carries a LoRA adapter (`lm.peft`).
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,13 +105,33 @@ class Projection(nn.Module):
         in_shape, out_shape = self.kernel_shape[:len(self.fan_in_axes)], self.kernel_shape[len(self.fan_in_axes):]
         x_rows_in = x.reshape(-1, math.prod(in_shape))
         kernel_in_out = kernel.astype(cfg.dtype).reshape(math.prod(in_shape), math.prod(out_shape))
-        y = jnp.matmul(x_rows_in, kernel_in_out).reshape(*x.shape[:x.ndim - len(in_shape)], *out_shape)
+        y_rows_out = jnp.matmul(x_rows_in, kernel_in_out)
+        if self.lora is not None:
+            y_rows_out = y_rows_out + self._lora_update(x_rows_in, in_shape, out_shape)
+        y = y_rows_out.reshape(*x.shape[:x.ndim - len(in_shape)], *out_shape)
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[len(in_shape):]),
                 out_shape, jnp.dtype(cfg.param_dtype))
             y = y + bias.astype(cfg.dtype)
         return y
+
+    def _lora_update(self, x_rows_in: jax.Array, in_shape, out_shape) -> jax.Array:
+        """LoRA (Hu et al. 2021): `(alpha / r) * dropout(x) A B`, `[rows, prod(out)]`. A `[*in, r]` and B `[r, *out]`
+        keep the kernel's axis names beside `lora_rank`; their initialisation is `config.finetune.lora.init`
+        (`lm.peft.lora_initializers`). Dropout is on only when the caller passes a `dropout` rng (training)."""
+        cfg, lora, r = self.cfg, self.lora, self.lora.rank
+        init_a, init_b = peft.lora_initializers(lora.init, len(in_shape), len(out_shape))
+        n_in = len(in_shape)
+        a = self.param("lora_a", nn.with_logical_partitioning(init_a, (*self.kernel_axes[:n_in], "lora_rank")),
+                       (*in_shape, r), jnp.dtype(cfg.param_dtype))
+        b = self.param("lora_b", nn.with_logical_partitioning(init_b, ("lora_rank", *self.kernel_axes[n_in:])),
+                       (r, *out_shape), jnp.dtype(cfg.param_dtype))
+        if lora.dropout > 0:
+            x_rows_in = nn.Dropout(lora.dropout, deterministic=not self.has_rng("dropout"))(x_rows_in)
+        a_in_r = a.astype(cfg.dtype).reshape(-1, r)
+        b_r_out = b.astype(cfg.dtype).reshape(r, -1)
+        return jnp.matmul(jnp.matmul(x_rows_in, a_in_r), b_r_out) * (lora.alpha / r)
 
 
 class Norm(nn.Module):
@@ -210,19 +239,23 @@ class Attention(nn.Module):
 
     With `layer_cache = (key_bsgh, value_bsgh, index, start_b)` (one layer of a `KVCache`), the new keys and values
     are written to slots `index + [0, t)` and the queries attend to the whole cache; the updated
-    `(key_bsgh, value_bsgh)` are returned beside the output (None without a cache).
+    `(key_bsgh, value_bsgh)` are returned beside the output (None without a cache). `peft`: the frozen
+    `config.finetune` section of a run with adapters (`lm.peft`: LoRA on the projections, gated prefixes), or None.
     """
 
     cfg: ml_collections.FrozenConfigDict
+    peft: Any = None
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None):
         cfg = self.cfg
         d, n, g, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         project = functools.partial(Projection, cfg, fan_in_axes=(0,), fan_out_axes=(1, 2), use_bias=cfg.qkv_bias)
-        q_btnh = project((d, n, h), ("embed", "heads", "head_dim"), name="query")(x_btd)
-        k_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="key")(x_btd)
-        v_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="value")(x_btd)
+        q_btnh = project((d, n, h), ("embed", "heads", "head_dim"), name="query",
+                         lora=_lora(self.peft, "query"))(x_btd)
+        k_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="key", lora=_lora(self.peft, "key"))(x_btd)
+        v_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="value",
+                         lora=_lora(self.peft, "value"))(x_btd)
         if cfg.position_embedding == "rope":
             inv_freq_k = rope_frequencies(cfg)
             q_btnh = rope(q_btnh, positions_bt, inv_freq_k)
@@ -244,10 +277,12 @@ class Attention(nn.Module):
             # The XLA path: a few query rows against the cache is a small matrix-vector product, not flash-attention.
             out_btnh = attention_lib.dot_product_attention(
                 q_btnh, key_bsgh, value_bsgh, causal=False, mask_b1ts=mask_b1ts, implementation="xla")
+        if self.peft is not None and self.peft.method == "prefix":
+            out_btnh = out_btnh + peft.Prefix(cfg, self.peft.prefix, h, name="prefix")(q_btnh)
         out_btnh = nn.with_logical_constraint(out_btnh, ("batch", "length", "heads", "head_dim"))
         out_btd = Projection(
             cfg, (n, h, d), ("heads", "head_dim", "embed"), fan_in_axes=(0, 1), fan_out_axes=(2,),
-            output_projection=True, use_bias=cfg.attention_out_bias, name="out")(out_btnh)
+            output_projection=True, use_bias=cfg.attention_out_bias, name="out", lora=_lora(self.peft, "out"))(out_btnh)
         return out_btd, new_cache
 
 
@@ -255,6 +290,7 @@ class Mlp(nn.Module):
     """SwiGLU (`silu(x W_gate) * (x W_up) W_down`, Shazeer 2020) or GELU (tanh approximation, as GPT-2) MLP."""
 
     cfg: ml_collections.FrozenConfigDict
+    peft: Any = None  # As `Attention.peft`.
 
     @nn.compact
     def __call__(self, x_btd):
@@ -263,13 +299,14 @@ class Mlp(nn.Module):
         up = functools.partial(
             Projection, cfg, (d, f), ("embed", "mlp"), (0,), (1,), use_bias=cfg.mlp_bias)
         if cfg.mlp_activation == "swiglu":
-            h_btf = nn.silu(up(name="gate")(x_btd)) * up(name="up")(x_btd)
+            h_btf = nn.silu(up(name="gate", lora=_lora(self.peft, "gate"))(x_btd)) * up(
+                name="up", lora=_lora(self.peft, "up"))(x_btd)
         else:
-            h_btf = nn.gelu(up(name="up")(x_btd), approximate=True)
+            h_btf = nn.gelu(up(name="up", lora=_lora(self.peft, "up"))(x_btd), approximate=True)
         h_btf = nn.with_logical_constraint(h_btf, ("batch", "length", "mlp"))
         return Projection(
             cfg, (f, d), ("mlp", "embed"), (0,), (1,), output_projection=True, use_bias=cfg.mlp_bias,
-            name="down")(h_btf)
+            name="down", lora=_lora(self.peft, "down"))(h_btf)
 
 
 class Block(nn.Module):
@@ -277,17 +314,19 @@ class Block(nn.Module):
 
     pre-norm:  x = x + attn(norm(x)); x = x + mlp(norm(x))
     post-norm: x = norm(x + attn(x)); x = norm(x + mlp(x))
-    Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast)) -> (carry, new kv)` so it can be
-    stacked with `nn.scan`; `kv = (key_bsgh, value_bsgh)` and `slots = (index, start_b)` are None unless decoding.
+    Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast), layer (scanned)) -> (carry, new kv)`
+    so it can be stacked with `nn.scan`; `kv = (key_bsgh, value_bsgh)` and `slots = (index, start_b)` are None
+    unless decoding; `layer` is this layer's index (int32 scalar). A LoReFT run edits the output (`lm.peft.Reft`).
     """
 
     cfg: ml_collections.FrozenConfigDict
+    peft: Any = None  # As `Attention.peft`.
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, slots=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, slots=None, layer=None):
         cfg = self.cfg
-        attention = Attention(cfg, name="attention")
-        mlp = Mlp(cfg, name="mlp")
+        attention = Attention(cfg, self.peft, name="attention")
+        mlp = Mlp(cfg, self.peft, name="mlp")
         layer_cache = None if kv is None else (*kv, *slots)
         if cfg.norm_position == "pre":
             attended_btd, kv = attention(
@@ -299,6 +338,10 @@ class Block(nn.Module):
             x_btd = Norm(cfg, name="attention_norm")(x_btd + attended_btd)
             x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
             x_btd = Norm(cfg, name="mlp_norm")(x_btd + mlp(x_btd))
+        if self.peft is not None and self.peft.method == "loreft":
+            layers = self.peft.loreft.layers
+            on = jnp.isin(layer, jnp.asarray(layers, jnp.int32)) if layers else jnp.bool_(True)
+            x_btd = peft.Reft(cfg, self.peft.loreft, name="reft")(x_btd, on)
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
         return x_btd, kv
 
@@ -312,9 +355,11 @@ def _block_class(cfg) -> type[nn.Module]:
 
 
 class Transformer(nn.Module):
-    """Decoder-only Transformer. `cfg` is `model_config(config)`: the frozen `config.model` section."""
+    """Decoder-only Transformer. `cfg` is `model_config(config)`: the frozen `config.model` section; `peft` the
+    frozen `config.finetune` section of a run with adapters (`lm.peft`), else None."""
 
     cfg: ml_collections.FrozenConfigDict
+    peft: Any = None
 
     def setup(self):
         cfg = self.cfg
@@ -333,13 +378,13 @@ class Transformer(nn.Module):
             self.layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
+            )(cfg, self.peft, name="layers")
         else:
-            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            self.layers = [block(cfg, self.peft, name=f"layers_{i}") for i in range(cfg.num_layers)]
         if cfg.norm_position == "pre":
             self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
@@ -400,12 +445,14 @@ class Transformer(nn.Module):
         kv_lbsgh = None if cache is None else (cache.key_lbsgh, cache.value_lbsgh)
         slots = None if cache is None else (cache.index, cache.start_b)
         if cfg.scan_layers:
-            x_btd, kv_lbsgh = self.layers(x_btd, positions_bt, segment_ids_bt, kv_lbsgh, slots)
+            layer_l = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            x_btd, kv_lbsgh = self.layers(x_btd, positions_bt, segment_ids_bt, kv_lbsgh, slots, layer_l)
         else:
             per_layer = []
             for i, layer in enumerate(self.layers):
                 x_btd, kv = layer(x_btd, positions_bt, segment_ids_bt,
-                                  None if cache is None else jax.tree.map(lambda a: a[i], kv_lbsgh), slots)
+                                  None if cache is None else jax.tree.map(lambda a: a[i], kv_lbsgh), slots,
+                                  jnp.int32(i))
                 per_layer.append(kv)
             kv_lbsgh = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         if kv_lbsgh is not None:
@@ -432,8 +479,10 @@ def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
 
 
 def build(config: ml_collections.ConfigDict) -> Transformer:
-    """The Transformer for a run config (or its `model` section)."""
-    return Transformer(model_config(config))
+    """The Transformer for a run config (with the adapters of `config.finetune`, `lm.peft`), or for a `model`
+    section alone (no adapters)."""
+    adapted = "finetune" in config and peft.is_peft(config)
+    return Transformer(model_config(config), ml_collections.FrozenConfigDict(config.finetune) if adapted else None)
 
 
 def init(model: Transformer, rng: jax.Array, batch_size: int = 1, length: int = 8):

@@ -19,16 +19,17 @@ from lm import loss as loss_lib
 from lm import model as model_lib
 
 
-def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, config: ml_collections.ConfigDict
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, config: ml_collections.ConfigDict,
+            rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Chunked cross-entropy of `model` on `batch`: `(loss, aux)` as `lm.loss.cross_entropy` returns them.
 
     The logits are never formed whole: the LM head is applied block by block over the vocabulary inside the loss,
-    soft-capped by `config.model.logit_softcap` as `Transformer.logits` is.
+    soft-capped by `config.model.logit_softcap` as `Transformer.logits` is. `rng`: the dropout key in training
+    (adapters with dropout, `lm.peft`), None otherwise.
     """
 
     hidden_btd, kernel_dv = _hidden_and_head(params, batch["inputs"], model, batch.get("positions"),
-                                             batch.get("segment_ids"))
+                                             batch.get("segment_ids"), rng)
     return loss_lib.cross_entropy(
         hidden_btd, kernel_dv, batch["targets"], batch.get("weights"), chunk_size=config.loss.chunk_size,
         z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing,
@@ -56,10 +57,11 @@ def target_log_probs(params, inputs_bt: jax.Array, targets_bt: jax.Array, model:
     return (log_prob_bt, is_argmax_bt), scores(hidden_bkd, targets=candidates_bk)
 
 
-def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None):
+def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None, rng=None):
     """The final hidden states `[batch, length, d]` and the LM head `[d, vocab]` (both in the compute dtype)."""
 
     def hidden_and_head(module: model_lib.Transformer):
         return module(inputs_bt, positions_bt, segment_ids_bt), module.output_kernel()
 
-    return model.apply({"params": params}, method=hidden_and_head)
+    rngs = None if rng is None else {"dropout": rng}
+    return model.apply({"params": params}, method=hidden_and_head, rngs=rngs)

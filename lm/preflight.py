@@ -293,7 +293,7 @@ def compiled_memory(config: ml_collections.ConfigDict, sizes: dict[str, int]) ->
     batch = {name: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len),
                                         jnp.float32 if name == "weights" else jnp.int32)
              for name in ("inputs", "targets", "segment_ids", "positions", "weights")}
-    analysis = training.train_step().lower(state, batch).compile().memory_analysis()
+    analysis = training.train_step().lower(state, batch, training.abstract_frozen()).compile().memory_analysis()
     return CompiledMemory(backend=devices[0].platform, devices=needed,
                           arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,
                           aliased=analysis.alias_size_in_bytes, temporaries=analysis.temp_size_in_bytes)

@@ -39,6 +39,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from lm import model as model_lib
+from lm import peft
 from lm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -209,7 +210,9 @@ class Shardings:
 
     Built from the boxed abstract parameters (`jax.eval_shape` of `lm.model.init`), which carry the logical names.
     `params`, `grads` and `opt_state` are pytrees of `NamedSharding`; `batch` shards `[batch, length]` arrays;
-    `abstract_params` are the parameters' `ShapeDtypeStruct`s (unboxed).
+    `abstract_params` are the parameters' `ShapeDtypeStruct`s (unboxed). `params` covers the whole tree; a run
+    with adapters (`lm.peft`) trains only `trainable` (its adapters; `frozen` is the base), so gradients and
+    optimizer state cover those alone. Full fine-tuning: `trainable` is `params`, `frozen` is `{}`.
     `mesh` may be a `jax.sharding.AbstractMesh` (sizes and names, no devices): `lm.preflight` sizes a run on a
     target mesh that way, with the same placement the run will use.
     """
@@ -237,8 +240,10 @@ class Shardings:
         zero_specs = jax.tree.map(partitioned, logical_specs, self.abstract_params, is_leaf=is_spec)
         to_named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
         self.params = to_named(zero_specs if self.zero_stage >= 3 else tp_specs)
-        self.grads = to_named(zero_specs if self.zero_stage >= 2 else tp_specs)
-        self._state_specs = zero_specs if self.zero_stage >= 1 else tp_specs
+        self.frozen, self.trainable = peft.trainable(self.params, config)
+        self.abstract_trainable = peft.trainable(self.abstract_params, config)[1]
+        self.grads = peft.trainable(to_named(zero_specs if self.zero_stage >= 2 else tp_specs), config)[1]
+        self._state_specs = peft.trainable(zero_specs if self.zero_stage >= 1 else tp_specs, config)[1]
         self.batch = batch_sharding(config, mesh)
         self.replicated = NamedSharding(mesh, P())
         self.opt_state = None if optimizer is None else self.optimizer_state(optimizer)
@@ -250,8 +255,8 @@ class Shardings:
             yield
 
     def optimizer_state(self, optimizer: optax.GradientTransformation):
-        """Shardings of `optimizer.init(params)`: partitioned over the data axes from stage 1 on."""
-        abstract_state = jax.eval_shape(optimizer.init, self.abstract_params)
+        """Shardings of `optimizer.init(trainable params)`: partitioned over the data axes from stage 1 on."""
+        abstract_state = jax.eval_shape(optimizer.init, self.abstract_trainable)
 
         def other_leaf(leaf):
             spec = P(*([None] * np.ndim(leaf)))
@@ -267,7 +272,7 @@ class Shardings:
             return NamedSharding(self.mesh, spec)
 
         return optax.tree_utils.tree_map_params(
-            optimizer, param_like_leaf, abstract_state, self._state_specs, self.abstract_params,
+            optimizer, param_like_leaf, abstract_state, self._state_specs, self.abstract_trainable,
             transform_non_params=other_leaf, is_leaf=lambda x: isinstance(x, P))
 
 

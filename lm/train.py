@@ -38,6 +38,7 @@ from lm import evaluate as evaluate_lib
 from lm import flops
 from lm import init_from as init_from_lib
 from lm import metrics as metrics_lib
+from lm import peft
 from lm import sharding as sharding_lib
 from lm import train_step as train_step_lib
 from lm import workdir as workdir_lib
@@ -151,8 +152,11 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
         _describe(training, abstract_state, print_sharding)
         checkpoints = resources.enter_context(contextlib.closing(checkpoint.manager(workdir, config.keep_checkpoints)))
         restored = checkpoint.restore_latest_state(checkpoints, abstract_state, data)
+        frozen = {}  # A PEFT run's base (`lm.peft`), read again on every start: its checkpoints hold adapters only.
+        if peft.is_peft(config):
+            frozen = init_from_lib.initial_params(config, training.shardings)
         if restored is None and config.init_from:
-            state = training.state_from(init_from_lib.initial_params(config, training.shardings))
+            state = training.state_from(frozen or init_from_lib.initial_params(config, training.shardings))
             _log(f"initialized from {config.init_from}")
         elif restored is None:
             state = training.init_state()
@@ -165,7 +169,7 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
         progress = resources.enter_context(tqdm.tqdm(
             total=config.total_steps, initial=int(state.step), disable=jax.process_index() != 0, dynamic_ncols=True,
             file=sys.stdout))
-        run = _Run(training, data, checkpoints, evaluator, writer, progress, preemption, workdir, profile_steps)
+        run = _Run(training, frozen, data, checkpoints, evaluator, writer, progress, preemption, workdir, profile_steps)
         last, finished = run.loop(state)
     if finished and "eval_unigram_entropy" in last:
         loss, entropy = last["eval_loss"], last["eval_unigram_entropy"]
@@ -181,6 +185,9 @@ def _describe(training: train_step_lib.Training, abstract_state, print_sharding:
     _log(f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].device_kind} devices, "
          f"{jax.process_count()} process(es)")
     _log(f"parameters: {flops.param_count(config):,}; ZeRO stage {config.sharding.zero_stage}")
+    if peft.is_peft(config):
+        _log(f"{config.finetune.method} adapters: {peft.count(training.shardings.abstract_trainable):,} trainable "
+             f"parameters over the frozen base {config.init_from}")
     if print_sharding:
         _log(sharding_lib.sharding_table(abstract_state, "train state sharding"))
     else:
@@ -193,6 +200,7 @@ class _Run:
     """What the loop reads and writes; `train` builds one and calls `loop`."""
 
     training: train_step_lib.Training
+    frozen: dict  # The step's frozen parameters: a PEFT run's base, else {}.
     data: pipeline.BatchIterator
     checkpoints: ocp.CheckpointManager
     evaluator: evaluate_lib.Evaluator
@@ -231,7 +239,7 @@ class _Run:
             local_batch = _faults.batch(step, next(self.data))
             attention.check_segment_runs(local_batch["segment_ids"], config.model.attention_max_segments)
             batch = pipeline.to_global_arrays(local_batch, batch_sharding)
-            self.state, metrics = step_fn(self.state, batch)
+            self.state, metrics = step_fn(self.state, batch, self.frozen)
             if previous is not None:
                 _check_finite(*previous, config, self.checkpoints)  # Step - 1's counter: this step is queued.
             previous = (step, metrics)
@@ -250,7 +258,8 @@ class _Run:
                 self.progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
                 interval_start, interval_steps = time.perf_counter(), 0
             if step % config.eval_every == 0 or step == config.total_steps:
-                eval_metrics = {f"eval_{name}": value for name, value in self.evaluator(self.state.params).items()}
+                params = peft.combine(self.frozen, self.state.params)
+                eval_metrics = {f"eval_{name}": value for name, value in self.evaluator(params).items()}
                 self.writer.write(step, eval_metrics)
                 last.update(eval_metrics)
                 self.progress.write(f"step {step}: eval loss {eval_metrics['eval_loss']:.4f}, "

@@ -6,6 +6,11 @@
 `make_train_step` returns `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)` whose shardings come from
 `lm.sharding.Shardings`; XLA's partitioner turns them into the collectives of the chosen ZeRO stage. Batches are as
 `lm.objective` describes them.
+
+What trains is `config.finetune.method`'s choice (`lm.peft`): every parameter (`full`), or only the adapters of a
+`lora` / `prefix` / `loreft` run. The state holds the trainable parameters and their optimizer state; the frozen
+base is the step's second argument (`step(state, batch, frozen)`: `{}` for full training), never donated, copied
+or given optimizer state, and gradients are taken with respect to the trainable tree alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lm import config as lm_config
 from lm import model as model_lib
 from lm import objective
 from lm import optim
+from lm import peft
 from lm import sharding as sharding_lib
 
 
@@ -33,7 +39,7 @@ class TrainState:
     """Everything a step updates, as one pytree orbax can save: step counter, parameters, optimizer state."""
 
     step: jax.Array  # int32 scalar: number of steps taken (skipped ones included).
-    params: Any
+    params: Any  # The trainable parameters: all of them, or a PEFT run's adapters (`lm.peft`).
     opt_state: Any
 
 
@@ -52,17 +58,26 @@ class Training:
                                 jax.random.key(self.config.seed))
 
     def state_from(self, params) -> TrainState:
-        """A fresh train state (step 0, new optimizer state) around `params` placed by `shardings.params`."""
-        init = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                         opt_state=self.optimizer.init(params))
-        return jax.jit(init, out_shardings=state_shardings(self.shardings))(params)
+        """A fresh train state (step 0, new optimizer state) starting from `params` (`config.init_from`'s weights,
+        placed by `shardings.params`); a PEFT run keeps them as its frozen base and starts new adapters
+        (initialised from `config.seed`)."""
+        if not peft.is_peft(self.config):
+            init = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                             opt_state=self.optimizer.init(params))
+            return jax.jit(init, out_shardings=state_shardings(self.shardings))(params)
+        return self.init_state()
 
     def abstract_state(self) -> TrainState:
         """`ShapeDtypeStruct`s of the train state with their shardings (no allocation): the restore target."""
-        params = self.shardings.abstract_params
+        params = self.shardings.abstract_trainable
         shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                             opt_state=jax.eval_shape(self.optimizer.init, params))
         return sharding_lib.abstract_arrays(shapes, state_shardings(self.shardings))
+
+    def abstract_frozen(self):
+        """`ShapeDtypeStruct`s (with shardings) of the step's frozen argument: a PEFT run's base, else `{}`."""
+        return sharding_lib.abstract_arrays(peft.trainable(self.shardings.abstract_params, self.config)[0],
+                                            self.shardings.frozen)
 
     def train_step(self):
         return make_train_step(self.config, self.model, self.optimizer, self.shardings)
@@ -79,14 +94,15 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Training:
 
 
 def state_shardings(shardings: sharding_lib.Shardings) -> TrainState:
-    return TrainState(step=shardings.replicated, params=shardings.params, opt_state=shardings.opt_state)
+    return TrainState(step=shardings.replicated, params=shardings.trainable, opt_state=shardings.opt_state)
 
 
 def init_train_state(config, model, optimizer, shardings: sharding_lib.Shardings, rng: jax.Array) -> TrainState:
-    """Initialises parameters and optimizer state directly in their shardings (no full copy on one device)."""
+    """Initialises the trainable parameters and their optimizer state directly in their shardings (no full copy on
+    one device; a PEFT run's base initialisation is dead code XLA drops)."""
 
     def init(rng):
-        params = nn.unbox(model_lib.init(model, rng))
+        params = peft.trainable(nn.unbox(model_lib.init(model, rng)), config)[1]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
     return jax.jit(init, out_shardings=state_shardings(shardings))(rng)
@@ -104,35 +120,41 @@ def _split_microbatches(batch, microbatches: int, batch_sharding: NamedSharding)
     return jax.tree.map(split, batch)
 
 
-def _loss_and_grads(params, batch, model, config, shardings: sharding_lib.Shardings):
-    """Loss, aux and gradients of the global batch; with `config.optim.microbatches` > 1 accumulated in fp32 over
-    sequential micro-batches, each weighted by its token count, so the result equals one pass over the whole batch.
+def _loss_and_grads(params, frozen, batch, model, config, shardings: sharding_lib.Shardings, rng):
+    """Loss, aux and gradients (with respect to the trainable `params`, beside the `frozen` ones) of the global
+    batch; with `config.optim.microbatches` > 1 accumulated in fp32 over sequential micro-batches, each weighted by
+    its token count, so the result equals one pass over the whole batch. `rng`: dropout's, or None.
     """
     microbatches = config.optim.microbatches
     constrain = lambda tree: jax.lax.with_sharding_constraint(tree, shardings.grads)
+
+    def loss(p, micro_batch, micro_rng):
+        return objective.lm_loss(peft.combine(frozen, p), micro_batch, model, config, rng=micro_rng)
+
     if microbatches == 1:
-        (loss, aux), grads = jax.value_and_grad(objective.lm_loss, has_aux=True)(params, batch, model, config)
-        return loss, aux, constrain(grads)
+        (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, batch, rng)
+        return loss_value, aux, constrain(grads)
 
-    def token_sum_loss(p, micro_batch):
-        loss, aux = objective.lm_loss(p, micro_batch, model, config)
-        return loss * aux["weight_sum"], aux
+    def token_sum_loss(p, micro_batch, micro_rng):
+        loss_value, aux = loss(p, micro_batch, micro_rng)
+        return loss_value * aux["weight_sum"], aux
 
-    def accumulate(carry, micro_batch):
+    def accumulate(carry, micro):
+        micro_batch, index = micro
         grads_acc, loss_acc, aux_acc = carry
-        (loss_sum, aux), grads = jax.value_and_grad(token_sum_loss, has_aux=True)(params, micro_batch)
+        micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+        (loss_sum, aux), grads = jax.value_and_grad(token_sum_loss, has_aux=True)(params, micro_batch, micro_rng)
         grads_acc = constrain(jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grads_acc, grads))
         # Means become token-weighted sums; the weight sum itself is summed.
         aux_acc = {k: aux_acc[k] + (v if k == "weight_sum" else v * aux["weight_sum"]) for k, v in aux.items()}
         return (grads_acc, loss_acc + loss_sum, aux_acc), None
 
     micro = _split_microbatches(batch, microbatches, shardings.batch)
-    aux_shapes = jax.eval_shape(
-        lambda: objective.lm_loss(params, jax.tree.map(lambda x: x[0], micro), model, config)[1])
+    aux_shapes = jax.eval_shape(lambda: loss(params, jax.tree.map(lambda x: x[0], micro), None)[1])
     init = (constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)),
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
-    (grads, loss_sum, aux_sums), _ = jax.lax.scan(accumulate, init, micro)
+    (grads, loss_sum, aux_sums), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(microbatches)))
     weight_sum = aux_sums["weight_sum"]
     denominator = jnp.where(weight_sum > 0, weight_sum, 1.0)  # All tokens ignored: loss and gradients are 0.
     aux = {k: v if k == "weight_sum" else v / denominator for k, v in aux_sums.items()}
@@ -145,8 +167,9 @@ def make_train_step(
     model: model_lib.Transformer,
     optimizer: optax.GradientTransformation,
     shardings: sharding_lib.Shardings,
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
+) -> Callable[[TrainState, dict[str, jax.Array], Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted `step(state, batch, frozen) -> (state, metrics)`; `state` is donated, `frozen` (the base of a
+    PEFT run, `{}` otherwise) is read only.
 
     Metrics (fp32 scalars): `loss` (the training objective, z-loss included), `nll`, `z_loss`, `accuracy`,
     `grad_norm` (before clipping), `learning_rate` (of this step), `tokens` (weight sum), and the non-finite guard's
@@ -154,10 +177,12 @@ def make_train_step(
     unchanged), `consecutive_skips` and `skipped_total` (`lm.optim.skip_counts`).
     """
     schedule = optim.learning_rate_schedule(config)
+    uses_dropout = peft.is_peft(config) and config.finetune.method == "lora" and config.finetune.lora.dropout > 0
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, frozen):
+        rng = jax.random.fold_in(jax.random.key(config.seed), state.step) if uses_dropout else None
         with shardings.activation_rules():
-            loss, aux, grads = _loss_and_grads(state.params, batch, model, config, shardings)
+            loss, aux, grads = _loss_and_grads(state.params, frozen, batch, model, config, shardings, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                opt_state=opt_state)
@@ -176,7 +201,7 @@ def make_train_step(
     state_sharding = state_shardings(shardings)
     return jax.jit(
         step,
-        in_shardings=(state_sharding, shardings.batch),
+        in_shardings=(state_sharding, shardings.batch, shardings.frozen),
         out_shardings=(state_sharding, shardings.replicated),
         donate_argnums=0,
     )

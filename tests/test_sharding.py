@@ -44,7 +44,7 @@ def train(config, devices=None):
     losses = []
     for batch in batches(config):
         batch = jax.device_put(batch, shardings.batch)
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, {})
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.tree.map(np.asarray, state.params), state
 
@@ -115,7 +115,7 @@ def compiled_text(config):
     shardings, state, step = setup(config)
     batch = next(batches(config, 1))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings.batch) for k, v in batch.items()}
-    return step.lower(state, batch).compile().as_text(), state
+    return step.lower(state, batch, {}).compile().as_text(), state
 
 
 def all_reduce_shapes(hlo_text):
@@ -176,7 +176,7 @@ def test_stage1_shards_non_adam_optimizer_state(optimizer):
     for leaf in sharded:
         if any(dim % 8 == 0 for dim in leaf.shape):
             assert leaf.addressable_shards[0].data.size * 8 == leaf.size, leaf.shape
-    state, metrics = step(state, next(batches(config, 1)))
+    state, metrics = step(state, next(batches(config, 1)), {})
     assert np.isfinite(float(metrics["loss"]))
 
 
@@ -186,10 +186,10 @@ def test_non_finite_loss_skips_the_update():
     before = jax.tree.map(np.asarray, state.params)
     batch = next(batches(config, 1))
     batch["weights"] = np.full_like(batch["weights"], np.nan)
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, {})
     assert float(metrics["skipped"]) == 1.0
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
-    state, metrics = step(state, next(batches(config, 1)))
+    state, metrics = step(state, next(batches(config, 1)), {})
     assert float(metrics["skipped"]) == 0.0 and int(state.step) == 2
 
 

@@ -112,12 +112,12 @@ def train_row(name: str, config, steps: int) -> dict:
     training = train_step_lib.build(config, [device])
     state = training.init_state()
     batch = synthetic_batch(config, training.shardings.batch)
-    compiled = training.train_step().lower(state, batch).compile()
+    compiled = training.train_step().lower(state, batch, {}).compile()
     analysis = compiled.memory_analysis()
 
     def step():
         nonlocal state
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, {})
         jax.block_until_ready(metrics)
 
     seconds = median_seconds(step, warmup=2, repeats=steps)

@@ -68,7 +68,7 @@ def run_lm(warmup: int, steps: int) -> float:
 
     def step():
         nonlocal state, count
-        state, metrics = train_step(state, batches[count % len(batches)])
+        state, metrics = train_step(state, batches[count % len(batches)], {})
         jax.block_until_ready(metrics)
         count += 1
 

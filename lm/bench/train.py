@@ -42,12 +42,12 @@ def step_tokens_per_second(config, steps: int) -> tuple[float, float, dict, jax.
     step = training.train_step()
     iterator = pipeline.make_train_iterator(config, tokenizer=None)
     batches = [pipeline.to_global_arrays(next(iterator), training.shardings.batch) for _ in range(steps + 1)]
-    state, metrics = step(state, batches[0])
+    state, metrics = step(state, batches[0], {})
     jax.block_until_ready(metrics)
     times = []
     for batch in batches[1:]:
         start = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, {})
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_time = float(np.median(times))

@@ -52,14 +52,15 @@ import dataclasses
 import weakref
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import ml_collections
 import numpy as np
 
-from lm.data import packing, sources
+from lm.data import packing, sft, sources
 from lm.data import tokenizer as tokenizer_lib
-from lm.errors import ArgumentError, ConfigError, IteratorStateError
+from lm.errors import ArgumentError, ConfigError, EmptyDatasetError, IteratorStateError
 
 STATE_VERSION = 1
 # Iterators still open at exit are closed while the interpreter is intact (grain's prefetch thread otherwise fails
@@ -244,7 +245,7 @@ def make_iterator(
     process_count = jax.process_count() if process_count is None else process_count
     rows = check_config(config, process_index, process_count)
     seq_len = config.data.seq_len
-    split_name = split.split if isinstance(split, sources.ResolvedSplit) else split
+    split_name = split.split if isinstance(split, (sources.ResolvedSplit, sft.SftSplit)) else split
     seed = sources.shuffle_seed(config.seed, split_name)
     meta = {"process_count": process_count, "process_index": process_index, "source": config.data.source,
             "split": split_name, "seq_len": seq_len, "local_batch_size": rows, "seed": seed}
@@ -256,10 +257,21 @@ def make_iterator(
         return BatchIterator(inner, meta=meta, tokenizer=None, **common)
 
     # Checks name, split, files, field, emptiness before any work.
-    resolved = split if isinstance(split, sources.ResolvedSplit) else sources.resolve(config, split)
+    resolved = split if isinstance(split, (sources.ResolvedSplit, sft.SftSplit)) else sources.resolve(config, split)
     if tokenizer is None:
         raise ArgumentError(f"config.data.source={config.data.source!r} needs a tokenizer (tokenizer=None)")
     tokenizer_lib.check_vocab_size(tokenizer, config)
+    if isinstance(resolved, sft.SftSplit):
+        layout = ("pack" if config.data.pack else "pad") if layout in (None, "windows") else layout
+        meta.update(source=resolved.fingerprint, tokenizer=tokenizer.fingerprint(), layout=layout,
+                    shuffle=bool(shuffle))
+        rows_ds = _sft_rows(config, resolved, tokenizer, layout, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+                            process_index=process_index, process_count=process_count, rows=rows)
+        padding = packing.padding_example(seq_len, pad_id_of(tokenizer))
+        batches = rows_ds.batch(rows, drop_remainder=False, batch_fn=lambda e: _stack(list(e), rows, padding))
+        if prefetch > 0:
+            batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
+        return BatchIterator(iter(batches), meta=meta, tokenizer=tokenizer, **common)
     if tokenizer.eos_id is None:
         raise ConfigError("the tokenizer has no EOS token; documents are EOS-terminated")
     layout = ("pack" if config.data.pack else "pad") if layout is None else layout
@@ -283,6 +295,29 @@ def make_iterator(
     if prefetch > 0:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
     return BatchIterator(iter(batches), meta=meta, tokenizer=tokenizer, **common)
+
+
+def _sft_rows(config, split: sft.SftSplit, tokenizer, layout: str, *, shuffle: bool, seed: int,
+              num_epochs: int | None, process_index: int, process_count: int, rows: int) -> grain.IterDataset:
+    """Rows of whole fine-tuning examples (`lm.data.sft`): this process's share of the split's examples, shuffled
+    every epoch, packed first-fit (`pack`) or one per padded row (`pad`)."""
+    tokenized = sft.examples(config, split, tokenizer)
+    if process_index == 0:
+        logging.info("%s", tokenized.report(split, config.data.seq_len))
+    if not tokenized.examples[process_index::process_count]:
+        raise EmptyDatasetError(f"{split.description} has {len(tokenized.examples)} examples, none for process "
+                                f"{process_index} of {process_count}")
+    ds = grain.MapDataset.source(tokenized.examples)[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    examples = ds.repeat(num_epochs).to_iter_dataset()
+    seq_len, pad_id = config.data.seq_len, pad_id_of(tokenizer)
+    if layout == "pad":
+        return examples.map(lambda example: sft.to_example(example, seq_len, pad_id))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples, length_struct={"tokens": seq_len + 1, "trained": seq_len + 1}, num_packing_bins=rows,
+        shuffle_bins=False)
+    return packed.map(lambda row: sft.to_example(row, seq_len, pad_id))
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, *, tokenizer: tokenizer_lib.Tokenizer | None,

@@ -99,11 +99,16 @@ def _tfds_builder(config: ml_collections.ConfigDict):
 
 
 def resolve(config: ml_collections.ConfigDict, split: str) -> ResolvedSplit:
-    """Finds and checks one split of `config.data.source`; prepares file datasets on first use.
+    """Finds and checks one split of `config.data.source`; prepares file datasets on first use. Fine-tuning
+    formats (`config.data.format` other than `text`) give `lm.data.sft.SftSplit` instead.
 
     Raises (one-line messages): `ConfigError` (a needed field is unset), `DatasetNotFoundError`,
     `SplitNotFoundError`, `FilesNotFoundError`, `TextFieldError`, `EmptyDatasetError`.
     """
+    if config.data.format != "text":  # Fine-tuning records (JSON lines), not documents.
+        from lm.data import sft
+
+        return sft.resolve(config, split)
     source = config.data.source
     if source == "synthetic":
         raise ConfigError("config.data.source='synthetic' has no documents (it makes random tokens)")

@@ -20,6 +20,7 @@ import abc
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 
 from etils import epath
@@ -50,6 +51,16 @@ class Tokenizer(abc.ABC):
         `add_special_tokens=True` adds what the tokenizer itself adds to a text: a `tokenizer.json`'s post-processor
         (Llama's BOS, none for GPT-2), as transformers' `tokenizer.encode(text)` does; BOS for a SentencePiece model,
         as lm's training documents start."""
+
+    @abc.abstractmethod
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """`(ids, starts)`: the ids of `text` without added special tokens, where the text of a special token (the
+        BOS / EOS strings a chat template writes) is that token, and the index in `text` of the character where each
+        token starts: what tells a fine-tuning example which tokens a span of characters produced (`lm.data.sft`)."""
+
+    @abc.abstractmethod
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens' strings by name (`bos_token`, `eos_token`, ...), as chat templates read them."""
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
@@ -103,6 +114,29 @@ class SentencePieceTokenizer(Tokenizer):
         bos = [self.bos_id] if add_special_tokens and self.bos_id is not None else []
         return bos + self.processor.encode(text)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        # SentencePiece reads "</s>" as text; the chunks between special-token strings are encoded on their own.
+        specials = {piece: i for name, piece in self.special_tokens().items()
+                    for i in [self.processor.piece_to_id(piece)]}
+        ids, starts, position = [], [], 0
+        pattern = "(" + "|".join(re.escape(piece) for piece in specials) + ")" if specials else None
+        for chunk in (re.split(pattern, text) if pattern else [text]):
+            if chunk in specials:
+                ids.append(specials[chunk])
+                starts.append(position)
+            elif chunk:
+                char_of_byte = np.repeat(np.arange(len(chunk)), [len(c.encode("utf-8")) for c in chunk])
+                char_of_byte = np.append(char_of_byte, len(chunk))
+                for piece in self.processor.encode(chunk, out_type="proto").pieces:
+                    ids.append(piece.id)
+                    starts.append(position + int(char_of_byte[piece.begin]))
+            position += len(chunk)
+        return ids, starts
+
+    def special_tokens(self) -> dict[str, str]:
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        return {name: self.processor.id_to_piece(i) for name, i in names.items() if i is not None}
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.decode(list(ids))
 
@@ -152,6 +186,12 @@ class HuggingFaceTokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.pad_id = (self._token_id(settings.get(f"{name}_token"), what)
                                                  for name in ("bos", "eos", "pad"))
         self.chat_template = settings.get("chat_template")
+        self._special_tokens = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            token = settings.get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str):
+                self._special_tokens[name] = token
         self._byte_level = '"ByteLevel"' in json.dumps(json.loads(tokenizer_json).get("decoder"))
 
     def _token_id(self, token, what: str) -> int | None:
@@ -166,6 +206,13 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [start for start, _ in encoding.offsets]
+
+    def special_tokens(self) -> dict[str, str]:
+        return dict(self._special_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

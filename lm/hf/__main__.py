@@ -1,7 +1,9 @@
 """`python -m lm.hf import|export`: Hugging Face model directories in and out of lm workdirs (`lm.hf.convert`).
 
     python -m lm.hf import --hf=DIR_OR_HUB_ID --workdir=W [--config.model.dtype=float32 --config.mesh.tensor=2 ...]
-    python -m lm.hf export --workdir=W [--step=N] --out=DIR [--max_shard_gb=5]
+    python -m lm.hf export --workdir=W [--step=N] --out=DIR [--max_shard_gb=5] [--adapter]
+
+`export` of a LoRA run writes the merged model, or with `--adapter` the adapters alone in PEFT's format.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "export: the Hugging Face model directory to write (new or empty).")
     flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
     flags.DEFINE_float("max_shard_gb", 5.0, "export: largest safetensors file, in GB (2**30 bytes).")
+    flags.DEFINE_bool("adapter", False, "export: a LoRA run's adapters alone, in PEFT's format (adapter_config.json, "
+                      "adapter_model.safetensors), instead of the merged model.")
     config_flags.DEFINE_config_dict(
         "config", lm_config.base_config(), "import: overrides of the config derived from the model's config.json.")
 
@@ -55,7 +59,10 @@ def main(argv):
     workdir, out = _required("workdir", "export"), _required("out", "export")
     if FLAGS.max_shard_gb <= 0:
         raise ArgumentError(f"--max_shard_gb={FLAGS.max_shard_gb} must be positive")
-    files = convert.export_checkpoint(workdir, out, FLAGS.step, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
+    if FLAGS.adapter:
+        files = convert.export_adapter(workdir, out, FLAGS.step)
+    else:
+        files = convert.export_checkpoint(workdir, out, FLAGS.step, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
     if jax.process_index() == 0:
         print(f"exported {workdir} to {out} in {time.perf_counter() - started:.1f} s: {', '.join(files)}", flush=True)
 

@@ -10,6 +10,12 @@ directory `transformers.AutoModelForCausalLM.from_pretrained` loads: `config.jso
 with their index, past `max_shard_bytes`), `generation_config.json` and the tokenizer files when the run has them;
 a run's own SentencePiece `tokenizer.model` is also converted to the `tokenizer.json` and `tokenizer_config.json`
 that `transformers.AutoTokenizer` loads (`lm.hf.sentencepiece`), and its special token ids go into `config.json`.
+A LoRA run exports merged (`lm.peft.merge_lora`: a plain model computing what base + adapters do); a prefix or LoReFT
+run cannot be merged and is refused.
+
+`export_adapter(workdir, out)` writes a LoRA run's adapters alone in PEFT's format (`adapter_config.json` and
+`adapter_model.safetensors`, Llama-family models): `peft.PeftModel.from_pretrained(base, out)` over the export of
+the run's base (`export_checkpoint` of `config.init_from`) computes what the lm run does.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import ml_collections
 from lm import checkpoint
 from lm import config as lm_config
 from lm import paths
+from lm import peft
 from lm import sharding as sharding_lib
 from lm import workdir as workdir_lib
 from lm.data import tokenizer as tokenizer_lib
@@ -38,6 +45,7 @@ HF_CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 HUB_FILES = ["*.json", "model*.safetensors", "tokenizer.model"]  # What an import downloads of a hub repository.
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # As transformers' save_pretrained.
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names.
 
 
 def resolve_source(source: str) -> str:
@@ -125,10 +133,13 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Writes the checkpoint `step` (default: the latest) of `workdir` as a Hugging Face model directory `out`
     (module docstring); returns the weight files written. Refuses an `out` that exists and is not empty."""
-    if os.path.isdir(out) and os.listdir(out) or os.path.isfile(out):
-        raise CheckpointError(f"--out={out} exists and is not an empty directory; export into a new one")
+    _check_out(out)
     config = lm_config.read_config(workdir)
-    base_path = paths.resolve(workdir, HF_DIR, "config.json")
+    if peft.is_peft(config) and config.finetune.method != "lora":
+        raise CheckpointError(f"{workdir} holds {config.finetune.method} adapters, which cannot be merged into the "
+                              f"base's weights: only LoRA runs export as a Hugging Face model")
+    hf_dir = _hf_dir(workdir, config)
+    base_path = paths.resolve(hf_dir, "config.json")
     base = json.loads(base_path.read_text()) if base_path.exists() else None
     hf_config = architectures.hf_config_from(config, base)  # Fails before anything is read if there is none.
     tokenizer_files = _tokenizer_files(workdir, config)
@@ -136,19 +147,61 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None,
         tokenizer = tokenizer_lib.from_workdir(workdir)
         hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     restored = checkpoint.restore(workdir, step)
+    params = peft.merge_lora(restored.params, config) if peft.is_peft(config) else restored.params
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
-    files = weights.save_params(restored.params, restored.config, out, max_shard_bytes)
+    files = weights.save_params(params, peft.base_config(config), out, max_shard_bytes)
     if jax.process_index() == 0:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
-        generation = paths.resolve(workdir, HF_DIR, "generation_config.json")
+        generation = paths.resolve(hf_dir, "generation_config.json")
         if generation.exists():
             shutil.copyfile(generation, os.path.join(out, "generation_config.json"))
         for name, data in tokenizer_files.items():
             with open(os.path.join(out, name), "wb") as f:
                 f.write(data)
     return files
+
+
+def export_adapter(workdir: str, out: str, step: int | None = None) -> list[str]:
+    """Writes the adapters of LoRA run `workdir` (checkpoint `step`, default the latest) into `out` in PEFT's format
+    (module docstring); returns the files written."""
+    _check_out(out)
+    config = lm_config.read_config(workdir)
+    if config.finetune.method != "lora":
+        raise CheckpointError(f"{workdir} is a {config.finetune.method} run; PEFT adapters are exported from LoRA runs")
+    architecture = architectures.architecture_for(config)
+    if architecture not in architectures.LLAMA_LIKE:
+        raise ConfigError(f"{workdir}: PEFT adapters are exported for {', '.join(architectures.LLAMA_LIKE)} models, "
+                          f"not {architecture}")
+    restored = checkpoint.restore(workdir, step)
+    tensors = dict(weights.lora_tensors(peft.split(restored.params)[1], config))
+    lora = config.finetune.lora
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": sorted({name.split(".")[-3] for name in tensors}),
+        "base_model_name_or_path": checkpoint.workdir_and_step(config.init_from)[0],
+    }
+    if jax.process_index() == 0:
+        os.makedirs(out, exist_ok=True)
+        weights.write_safetensors(os.path.join(out, ADAPTER_WEIGHTS), tensors)
+        with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
+
+def _check_out(out: str) -> None:
+    if os.path.isdir(out) and os.listdir(out) or os.path.isfile(out):
+        raise CheckpointError(f"--out={out} exists and is not an empty directory; export into a new one")
+
+
+def _hf_dir(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """Where the Hugging Face config files of `workdir`'s model are kept: its own `hf/`, or its base's for a PEFT
+    run (which may be an import)."""
+    if peft.is_peft(config):
+        return os.path.join(checkpoint.workdir_and_step(config.init_from)[0], HF_DIR)
+    return str(paths.resolve(workdir, HF_DIR))
 
 
 def _tokenizer_files(workdir: str, config: ml_collections.ConfigDict) -> dict[str, bytes]:

@@ -291,6 +291,28 @@ def hf_tensors(params, config):
             yield template.format(layer=layer), np.ascontiguousarray(m.T if parts[0].transpose else m)
 
 
+def lora_tensors(adapters, config):
+    """Yields `(name, array)`: PEFT's `lora_A` `[r, in]` and `lora_B` `[out, r]` of each LoRA adapter in `adapters`
+    (a run's adapter tree, `lm.peft.split`), named after the module of the kernel it adapts
+    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    for tensor in architectures.tensors(config):
+        if not tensor.per_layer or tensor.lm_path[-1] != "kernel":
+            continue
+        for layer in range(config.model.num_layers):
+            scope = ("layers",) if config.model.scan_layers else (f"layers_{layer}",)
+            try:
+                a, b = (_get(adapters, (*scope, *tensor.lm_path[:-1], name)) for name in ("lora_a", "lora_b"))
+            except KeyError:  # Not a target.
+                continue
+            if config.model.scan_layers:
+                a, b = a[layer], b[layer]
+            a, b = _to_host(a), _to_host(b)
+            r = a.shape[-1]
+            module = "base_model.model." + tensor.hf_name.format(layer=layer).removesuffix(".weight")
+            yield f"{module}.lora_A.weight", np.ascontiguousarray(a.reshape(-1, r).T)
+            yield f"{module}.lora_B.weight", np.ascontiguousarray(b.reshape(r, -1).T)
+
+
 def _get(tree, keys: tuple[str, ...]):
     for key in keys:
         tree = tree[key]
@@ -308,7 +330,7 @@ def save_params(params, config, directory: str, max_shard_bytes: int) -> list[st
     def flush():
         temporary = os.path.join(directory, f"shard-{len(written):05d}.tmp")
         if write:
-            _write_safetensors(temporary, shard)
+            write_safetensors(temporary, shard)
         written.append((temporary, list(shard)))
         shard.clear()
 
@@ -333,7 +355,7 @@ def save_params(params, config, directory: str, max_shard_bytes: int) -> list[st
     return files
 
 
-def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.flax import save_file
 
     with _on_host():
