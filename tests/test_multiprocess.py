@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import environment
+
 pytestmark = pytest.mark.slow
 
 # configs/tiny.py shrunk, synthetic data (its global batch does not depend on the process count), ZeRO stage 1, a
@@ -31,10 +33,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def environment(devices):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
 
 
 def start_processes(module, *args, processes=2, devices=4):
