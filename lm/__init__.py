@@ -12,8 +12,10 @@ d_model]`); a letter means the same axis in every module:
     l  layers                              m  micro-batches
     x  tokens, the batch's leading axes flattened (lm.loss)
     w  a window of seq_len + 1 tokens (lm.data)
+    p  learned prefix positions (lm.peft)  a  the rank of an adapter's subspace (lm.peft, LoReFT)
     1  an axis of size one kept for broadcasting
 
 Logical axis names for sharding (`batch`, `length`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`,
-`layers`) are the design's; `lm.sharding` maps them to the mesh axes `data`, `fsdp`, `tensor`.
+`layers`) are the design's; `lm.sharding` maps them to the mesh axes `data`, `fsdp`, `tensor`. Adapters add
+`lora_rank` and `reft_rank` (no rule: replicated).
 """

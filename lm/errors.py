@@ -78,3 +78,7 @@ class TextFieldError(DataError):
 
 class RecordError(DataError):
     """A fine-tuning record does not follow `config.data.format` (the message names the file and line)."""
+
+
+class ChatTemplateError(DataError):
+    """A chat template does not parse, raised (its own `raise_exception`), or renders turns inconsistently."""

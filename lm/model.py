@@ -129,9 +129,9 @@ class Projection(nn.Module):
                        (r, *out_shape), jnp.dtype(cfg.param_dtype))
         if lora.dropout > 0:
             x_rows_in = nn.Dropout(lora.dropout, deterministic=not self.has_rng("dropout"))(x_rows_in)
-        a_in_r = a.astype(cfg.dtype).reshape(-1, r)
-        b_r_out = b.astype(cfg.dtype).reshape(r, -1)
-        return jnp.matmul(jnp.matmul(x_rows_in, a_in_r), b_r_out) * (lora.alpha / r)
+        a_in_rank = a.astype(cfg.dtype).reshape(-1, r)
+        b_rank_out = b.astype(cfg.dtype).reshape(r, -1)
+        return jnp.matmul(jnp.matmul(x_rows_in, a_in_rank), b_rank_out) * (lora.alpha / r)
 
 
 class Norm(nn.Module):

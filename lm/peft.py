@@ -118,18 +118,18 @@ class Reft(nn.Module):
 
     @nn.compact
     def __call__(self, h_btd: jax.Array, on: jax.Array) -> jax.Array:
-        cfg, r = self.cfg, self.loreft.rank
+        cfg, rank = self.cfg, self.loreft.rank
         param_dtype = jnp.dtype(cfg.param_dtype)
         axes = ("reft_rank", "embed")
-        rotation_rd = self.param("rotation", nn.with_logical_partitioning(nn.initializers.orthogonal(), axes),
-                                 (r, cfg.d_model), param_dtype)
-        weight_rd = self.param("weight", nn.with_logical_partitioning(lambda *_: rotation_rd, axes),
-                               (r, cfg.d_model), param_dtype)
-        bias_r = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("reft_rank",)), (r,),
+        rotation_ad = self.param("rotation", nn.with_logical_partitioning(nn.initializers.orthogonal(), axes),
+                                 (rank, cfg.d_model), param_dtype)
+        weight_ad = self.param("weight", nn.with_logical_partitioning(lambda *_: rotation_ad, axes),
+                               (rank, cfg.d_model), param_dtype)
+        bias_a = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("reft_rank",)), (rank,),
                             param_dtype)
-        rotation_rd, weight_rd = rotation_rd.astype(h_btd.dtype), weight_rd.astype(h_btd.dtype)
-        edit_btr = h_btd @ weight_rd.T + bias_r.astype(h_btd.dtype) - h_btd @ rotation_rd.T
-        return h_btd + jnp.where(on, edit_btr @ rotation_rd, 0).astype(h_btd.dtype)
+        rotation_ad, weight_ad = rotation_ad.astype(h_btd.dtype), weight_ad.astype(h_btd.dtype)
+        edit_bta = h_btd @ weight_ad.T + bias_a.astype(h_btd.dtype) - h_btd @ rotation_ad.T
+        return h_btd + jnp.where(on, edit_bta @ rotation_ad, 0).astype(h_btd.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

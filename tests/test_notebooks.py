@@ -5,7 +5,7 @@ temporary directory, so a user-level `python3` kernel pointing at another enviro
 temporary copy of `notebooks/`, so nothing is written into the repository. The notebooks find the repository root
 themselves (upward from the working directory, else the checkout `lm` is installed from).
 
-    python tests/test_notebooks.py --write_images   # re-executes both and refreshes notebooks/images/*.png
+    python tests/test_notebooks.py --write_images   # re-executes them and refreshes notebooks/images/*.png
     python tests/test_notebooks.py --clear_outputs  # strips outputs and execution counts before a commit
 
 `--write_images` is how the README pictures are made: it saves the figures of the cells tagged `readme-image` (the
@@ -26,7 +26,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-NOTEBOOK_NAMES = ("01_model_tour.ipynb", "02_restore_and_eval.ipynb")
+NOTEBOOK_NAMES = ("01_model_tour.ipynb", "02_restore_and_eval.ipynb", "03_finetune.ipynb")
 CELL_TIMEOUT_S = 600
 
 
@@ -81,7 +81,7 @@ def test_notebook_is_stored_without_outputs(name):
              if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)]
     assert not dirty, f"{name}: cells {dirty} have outputs or execution counts; clear them before committing"
     first = "".join(code_cells[0]["source"])
-    assert "--xla_force_host_platform_device_count=8" in first and "JAX_PLATFORMS" in first, (
+    assert "--xla_force_host_platform_device_count=" in first and "JAX_PLATFORMS" in first, (
         f"{name}: the first code cell must set XLA_FLAGS and JAX_PLATFORMS before jax is imported")
 
 

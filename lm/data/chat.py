@@ -27,6 +27,8 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 
+from lm.errors import ChatTemplateError
+
 ROLES = ("system", "user", "assistant")
 PLAIN_TEMPLATE = (
     "{% for message in messages %}"
@@ -35,10 +37,6 @@ PLAIN_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-
-
-class TemplateError(Exception):
-    """A template that raised (its own `raise_exception`) or cannot be parsed; `lm.data.sft` names the record."""
 
 
 class _Generation(jinja2.ext.Extension):
@@ -58,7 +56,7 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 def _raise_exception(message):
-    raise TemplateError(message)
+    raise ChatTemplateError(message)
 
 
 def _strftime_now(format_string):
@@ -75,7 +73,7 @@ def _compile(template: str) -> jinja2.Template:
     try:
         return environment.from_string(template)
     except jinja2.TemplateSyntaxError as error:
-        raise TemplateError(f"the chat template does not parse ({error})") from None
+        raise ChatTemplateError(f"the chat template does not parse ({error})") from None
 
 
 def render(template: str, messages: list[dict], special_tokens: dict[str, str],
@@ -85,14 +83,14 @@ def render(template: str, messages: list[dict], special_tokens: dict[str, str],
         return _compile(template).render(messages=messages, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **special_tokens)
     except jinja2.TemplateError as error:
-        raise TemplateError(f"the chat template failed: {error}") from None
+        raise ChatTemplateError(f"the chat template failed: {error}") from None
 
 
 def assistant_spans(template: str, messages: list[dict], special_tokens: dict[str, str]
                     ) -> tuple[str, list[tuple[int, int]]]:
     """`(text, spans)`: the rendered conversation and the `[start, end)` character spans of its assistant turns
-    (module docstring). Raises TemplateError when the template renders earlier turns differently once later ones
-    follow (then no span of the whole text is any one turn's)."""
+    (module docstring). Raises ChatTemplateError when the template renders earlier turns differently once later
+    ones follow (then no span of the whole text is any one turn's)."""
     text = render(template, messages, special_tokens)
     spans = []
     for i, message in enumerate(messages):
@@ -101,7 +99,7 @@ def assistant_spans(template: str, messages: list[dict], special_tokens: dict[st
         before = render(template, messages[:i], special_tokens, add_generation_prompt=True)
         through = render(template, messages[:i + 1], special_tokens)
         if not (through.startswith(before) and text.startswith(through)):
-            raise TemplateError(f"the chat template renders turns before assistant message {i} differently once it "
+            raise ChatTemplateError(f"the chat template renders turns before assistant message {i} differently once it "
                                 f"follows, so its trained tokens cannot be found")
         spans.append((len(before), len(through)))
     return text, spans

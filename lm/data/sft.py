@@ -37,7 +37,7 @@ import ml_collections
 from lm.data import chat, packing
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.text_files import files_spec, is_validation
-from lm.errors import ConfigError, EmptyDatasetError, RecordError, SplitNotFoundError
+from lm.errors import ChatTemplateError, ConfigError, EmptyDatasetError, RecordError, SplitNotFoundError
 
 SPLITS = ("train", "validation")
 
@@ -135,7 +135,7 @@ def tokenize(record: Record, data_format: str, tokenizer: tokenizer_lib.Tokenize
     else:
         try:
             text, spans = chat.assistant_spans(template, record.fields["messages"], tokenizer.special_tokens())
-        except chat.TemplateError as error:
+        except ChatTemplateError as error:
             raise RecordError(f"{record.key}: {error}") from None
     ids, starts = tokenizer.encode_with_offsets(text)
     starts_n = np.asarray(starts, np.int64)
