@@ -18,6 +18,7 @@ import sentencepiece as spm
 
 from lm import checkpoint
 from lm import config as lm_config
+from lm import evaluate as evaluate_lib
 from lm import generate
 from lm import model as model_lib
 from lm import objective
@@ -71,13 +72,18 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 0, 128)
 
 @functools.cache
 def _initialised(method: str, lora_init: str = "a_gaussian_b_zero", scan_layers: bool = True):
-    """`(config, params)`: a model with `method`'s adapters as initialised (shared by the tests: inits compile)."""
-    config = tiny_config(method, **{"finetune.lora.init": lora_init, "model.scan_layers": scan_layers})
+    """`(config, params)`: a model with `method`'s adapters as initialised (shared by the tests: inits compile).
+    `prefix_mlp`: prefix tuning with its reparameterisation MLP."""
+    overrides = {"finetune.lora.init": lora_init, "model.scan_layers": scan_layers}
+    if method == "prefix_mlp":
+        method = "prefix"
+        overrides.update({"finetune.prefix.reparameterize": True, "finetune.prefix.hidden": 16})
+    config = tiny_config(method, **overrides)
     init = jax.jit(lambda key: nn.unbox(model_lib.init(model_lib.build(config), key)))
     return config, init(jax.random.key(0))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "prefix_mlp"])
 def test_every_method_starts_as_the_base_model(method):
     config, params = _initialised(method)
     base, adapters = peft.split(params)
@@ -176,6 +182,9 @@ def test_a_lora_run_saves_adapters_only_points_to_its_base_and_resumes_exactly(s
     assert os.path.isabs(base_dir) and base_step == 2  # Pinned to the base's latest checkpoint.
     a, b = checkpoint.restore(straight), checkpoint.restore(interrupted)
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    # Evaluation reads base + adapters as the trainer evaluated them at its last step.
+    last_eval = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl")) if "eval_loss" in line][-1]
+    assert evaluate_lib.evaluate(a.config, a.params)["loss"] == pytest.approx(last_eval["eval_loss"], rel=1e-6)
     assert _adapters_trained(a.params, a.config)
     np.testing.assert_array_equal(  # The base is read back unchanged beside the trained adapters.
         peft.split(a.params)[0]["embed"]["embedding"], checkpoint.restore(synthetic_base).params["embed"]["embedding"])
@@ -422,6 +431,27 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, senten
     with pytest.raises(EmptyDatasetError, match="no example is left to train on"):
         config = _sft_config(only_long, sentencepiece_tokenizer)
         sft.examples(config, _all_records(config), tokenizer)
+
+
+def test_fine_tuning_batches_resume_exactly(tmp_path, sentencepiece_tokenizer):
+    files = _records_file(tmp_path / "r.jsonl", [{"prompt": f"Q: {i}+{i}?\nA:", "completion": f" {2 * i}"}
+                                                 for i in range(100)])
+    config = _sft_config(files, sentencepiece_tokenizer)
+    tokenizer = tokenizer_lib.load(sentencepiece_tokenizer)
+    straight = pipeline.make_train_iterator(config, tokenizer=tokenizer)
+    expected = [next(straight) for _ in range(12)]  # More than one epoch of ~95 examples, 8 rows of 2-3.
+    first = pipeline.make_train_iterator(config, tokenizer=tokenizer)
+    for _ in range(5):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))  # As the checkpoint stores it.
+    resumed = pipeline.make_train_iterator(config, tokenizer=tokenizer)
+    resumed.set_state(state)
+    for batch in expected[5:]:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], batch[k]) for k in batch)
+    assert all(batch["weights"].sum() > 0 for batch in expected)
+    for iterator in (straight, first, resumed):
+        iterator.close()
 
 
 def test_packed_rows_give_the_loss_of_one_example_per_row(tmp_path, sentencepiece_tokenizer):

@@ -113,7 +113,9 @@ def resolve(config: ml_collections.ConfigDict, split: str) -> SftSplit:
                     records.append(Record(key, fields))
     description = f"{data_format} records {config.data.files} ({split})"
     if not records:
-        raise EmptyDatasetError(f"split {split!r} of {data_format} records {config.data.files} has no records")
+        hint = (" (validation holds about 5% of the records, by a hash of FILE:LINE; set config.data.eval_split=train "
+                "to evaluate on the training records)") if split == "validation" else ""
+        raise EmptyDatasetError(f"split {split!r} of {data_format} records {config.data.files} has no records{hint}")
     return SftSplit(split, data_format, tuple(records), description, digest.hexdigest()[:16])
 
 
