@@ -17,6 +17,12 @@ Training FLOPs per token (forward + backward = 3 x forward, each multiply-add = 
   for the weighted values: forward 4*n*h*(T+1)/2 FLOPs per token per layer, times 3 for training. This is the work
   a causal flash-attention kernel actually does; PaLM's appendix convention (`12*L*n*h*T`, all T^2 pairs) is
   about twice as large and is available as `causal=False`.
+
+Fine-tuning with adapters (`config.finetune.method` lora, prefix, loreft; `lm.peft`): the frozen base still runs
+forward and passes gradients back to every layer's input, but computes no weight gradients, so its matmuls cost
+`4 * N_matmul` per token, not 6; the adapters' own matmuls cost 6 per weight (`adapter_matmul_count`: LoRA's A and
+B; the prefixes a token attends to, `2 * p * n * h` per layer, as a projection of that size; LoReFT's three
+`[rank, d]` products). The attention term is unchanged.
 """
 
 from __future__ import annotations
@@ -71,6 +77,22 @@ def matmul_param_count(config: ml_collections.ConfigDict) -> int:
     return m.num_layers * per_layer + d * m.vocab_size
 
 
+def adapter_matmul_count(config: ml_collections.ConfigDict) -> int:
+    """The adapters' weights a token's matmuls go through (module docstring); 0 for full fine-tuning."""
+    method = config.finetune.method if "finetune" in config else "full"
+    m = config.model
+    d, n, g, f, h = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, head_dim(m)
+    if method == "lora":
+        sizes = {"query": (d, n * h), "key": (d, g * h), "value": (d, g * h), "out": (n * h, d), "gate": (d, f),
+                 "up": (d, f), "down": (f, d)}
+        return m.num_layers * config.finetune.lora.rank * sum(sum(sizes[t]) for t in config.finetune.lora.targets)
+    if method == "prefix":
+        return m.num_layers * 2 * config.finetune.prefix.length * n * h
+    if method == "loreft":
+        return len(config.finetune.loreft.layers or range(m.num_layers)) * 3 * config.finetune.loreft.rank * d
+    return 0
+
+
 def attention_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
     """Training FLOPs per token of the attention scores and weighted values (module docstring)."""
     m = _model(config)
@@ -79,8 +101,11 @@ def attention_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, c
 
 
 def train_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
-    """Training (forward + backward) FLOPs per token: `6 * N_matmul + attention term`. Remat recompute excluded."""
-    return 6 * matmul_param_count(config) + attention_flops_per_token(config, seq_len, causal)
+    """Training (forward + backward) FLOPs per token: `6 * N_matmul + attention term`, or with adapters
+    `4 * N_matmul + 6 * adapter_matmul_count + attention term` (module docstring). Remat recompute excluded."""
+    adapters = adapter_matmul_count(config)
+    base = (4 if adapters else 6) * matmul_param_count(config)
+    return base + 6 * adapters + attention_flops_per_token(config, seq_len, causal)
 
 
 # Peak dense bf16 FLOP/s of one device (one chip / one GPU), from the vendors' datasheets (without sparsity):

@@ -19,6 +19,7 @@ import sentencepiece as spm
 from lm import checkpoint
 from lm import config as lm_config
 from lm import evaluate as evaluate_lib
+from lm import flops
 from lm import generate
 from lm import model as model_lib
 from lm import objective
@@ -89,6 +90,15 @@ def test_every_method_starts_as_the_base_model(method):
     base, adapters = peft.split(params)
     assert 0 < peft.count(adapters) < peft.count(base)
     np.testing.assert_array_equal(logits(config, params, TOKENS), logits(peft.base_config(config), base, TOKENS))
+
+
+def test_lora_flops_count_its_adapters_and_no_weight_gradients_of_the_base():
+    config, params = _initialised("lora")
+    assert flops.adapter_matmul_count(config) == peft.count(peft.split(params)[1])
+    base = peft.base_config(config)
+    assert flops.train_flops_per_token(config, 16) - flops.attention_flops_per_token(config, 16) == (
+        4 * flops.matmul_param_count(base) + 6 * peft.count(peft.split(params)[1]))
+    assert flops.adapter_matmul_count(base) == 0
 
 
 @pytest.mark.parametrize("init, a_learns, b_learns, changes_model", [
