@@ -44,6 +44,7 @@ from lm import config as lm_config
 from lm import flops
 from lm import model as model_lib
 from lm import optim
+from lm import peft
 from lm import sharding as sharding_lib
 from lm.errors import ArgumentError
 
@@ -238,7 +239,8 @@ def estimate(config: ml_collections.ConfigDict, sizes: dict[str, int], device: s
     optimizer = optim.make_optimizer(config)
     boxed_params = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
     abstract_params = nn.unbox(boxed_params)
-    abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+    abstract_trainable = peft.trainable(abstract_params, config)[1]  # A PEFT run's adapters; else every parameter.
+    abstract_state = jax.eval_shape(optimizer.init, abstract_trainable)
     stages = {}
     for stage in range(4):
         staged = config.copy_and_resolve_references()
@@ -246,7 +248,7 @@ def estimate(config: ml_collections.ConfigDict, sizes: dict[str, int], device: s
         shardings = sharding_lib.Shardings(staged, mesh, boxed_params, optimizer)
         stages[stage] = StateMemory(
             params=sharding_lib.bytes_per_device(abstract_params, shardings.params),
-            grads=sharding_lib.bytes_per_device(abstract_params, shardings.grads),
+            grads=sharding_lib.bytes_per_device(abstract_trainable, shardings.grads),
             opt_state=sharding_lib.bytes_per_device(abstract_state, shardings.opt_state))
     attention = attention_lib.resolve_implementation(
         config.model.attention, config.model.dtype, backend="gpu" if kind.startswith("NVIDIA") else "tpu")

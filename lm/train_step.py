@@ -9,7 +9,7 @@
 
 What trains is `config.finetune.method`'s choice (`lm.peft`): every parameter (`full`), or only the adapters of a
 `lora` / `prefix` / `loreft` run. The state holds the trainable parameters and their optimizer state; the frozen
-base is the step's second argument (`step(state, batch, frozen)`: `{}` for full training), never donated, copied
+base is the step's third argument (`step(state, batch, frozen)`: `{}` for full training), never donated, copied
 or given optimizer state, and gradients are taken with respect to the trainable tree alone.
 """
 

@@ -24,6 +24,7 @@ from lm import generate
 from lm import model as model_lib
 from lm import objective
 from lm import peft
+from lm import preflight
 from lm import train as train_lib
 from lm import train_step as train_step_lib
 from lm.bench import finetune as finetune_bench
@@ -266,6 +267,17 @@ def test_lora_optimizer_state_is_under_1_percent_of_full_and_its_step_needs_less
     assert lora["optimizer_bytes"] < 0.01 * full["optimizer_bytes"], (lora, full)
     assert lora["temp_bytes"] < full["temp_bytes"], (lora, full)
     assert lora["trainable"] < 0.01 * full["trainable"]
+
+
+def test_preflight_sizes_a_lora_run_by_its_adapters():
+    config = lm_config.load("configs/llama_1b.py", **{"finetune.method": "lora", "init_from": "base"})
+    full = lm_config.load("configs/llama_1b.py")
+    sizes = {"data": 1, "fsdp": 8, "tensor": 1}
+    lora, reference = preflight.estimate(config, sizes), preflight.estimate(full, sizes)
+    for stage in range(4):
+        assert lora.stages[stage].opt_state < 0.01 * reference.stages[stage].opt_state
+        assert lora.stages[stage].grads < 0.01 * reference.stages[stage].grads
+    assert lora.flops_per_step < reference.flops_per_step  # No weight gradients of the frozen base.
 
 
 # ---------------------------------------------------------------------------------------------------------------
