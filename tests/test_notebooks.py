@@ -55,13 +55,19 @@ def execute_notebook(name: str, scratch: pathlib.Path):
     notebook = nbformat.read(work / name, as_version=4)
     kernel_dir = scratch / "kernels"
     kernel_dir.mkdir(exist_ok=True)
+    kernel = _kernel_manager(kernel_dir)
     client = nbclient.NotebookClient(
-        notebook, km=_kernel_manager(kernel_dir), timeout=CELL_TIMEOUT_S, startup_timeout=120,
-        resources={"metadata": {"path": str(work)}})
+        notebook, km=kernel, timeout=CELL_TIMEOUT_S, startup_timeout=120, resources={"metadata": {"path": str(work)}})
     temp = scratch / "tmp"  # The notebooks' temporary directories (02's training run) go here and are removed.
     temp.mkdir(exist_ok=True)
     start = time.perf_counter()
-    client.execute(env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        client.execute(env={**os.environ, "TMPDIR": str(temp)})
+    finally:
+        # nbclient leaves a kernel it was given running: without this, each notebook's kernel (and its JAX thread
+        # pools) would live, and take CPU, until the whole test session ends.
+        if kernel.has_kernel:
+            kernel.shutdown_kernel(now=True)
     return notebook, time.perf_counter() - start
 
 
