@@ -8,12 +8,7 @@ import sys
 
 import pytest
 
-# The suite's models are tiny, so compiling dominates its time: XLA's backend optimisation level 0 compiles 3-4x
-# faster (LLVM passes only: the same numbers; matmuls and convolutions are library calls either way). Benchmarks
-# that time lm against a reference run as programs without it.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 "
-                           f"{FAST_COMPILE}").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -30,8 +25,7 @@ SMALL_MODEL = [
 
 def environment(devices: int = 1) -> dict[str, str]:
     """The environment of an lm program started by a test: `devices` simulated CPU devices."""
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-            "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="session")

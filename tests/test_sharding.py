@@ -159,8 +159,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     _, state_micro, step_micro = setup(config)
     _, state_big, step_big = setup(big)
     for batch in batches(config, 3):
-        state_micro, metrics_micro = step_micro(state_micro, batch)
-        state_big, metrics_big = step_big(state_big, batch)
+        state_micro, metrics_micro = step_micro(state_micro, batch, {})
+        state_big, metrics_big = step_big(state_big, batch, {})
         np.testing.assert_allclose(metrics_micro["loss"], metrics_big["loss"], rtol=1e-5)
         np.testing.assert_allclose(metrics_micro["grad_norm"], metrics_big["grad_norm"], rtol=1e-4)
     assert_params_close(state_micro.params, state_big.params)
