@@ -40,11 +40,14 @@ CHOICES = {
     "data.format": ("text", "prompt_completion", "chat"),
     "data.overlong": ("truncate", "drop"),
     "finetune.method": ("full", "lora", "prefix", "loreft"),
-    "finetune.objective": ("lm",),
+    "finetune.objective": ("lm", "sft"),
     "finetune.lora.init": ("a_gaussian_b_zero", "a_zero_b_gaussian", "both_gaussian"),
     "optim.optimizer": ("adamw", "lion", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
+
+# The projections LoRA can adapt (`lm.model`'s names): attention query, key, value, out; MLP gate, up, down.
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 
 # Integer fields that must be > 0.
 POSITIVE = (
@@ -210,13 +213,14 @@ def base_config() -> ml_collections.ConfigDict:
     # their own parameter tree over a frozen base read from config.init_from.
     c.finetune = f = ml_collections.ConfigDict()
     f.method = "full"  # full | lora | prefix | loreft
-    f.objective = "lm"  # Next-token loss on the data's trained tokens.
+    # lm: next-token loss on the data's trained tokens (every token of text documents); sft: the same loss, on
+    # fine-tuning records only (config.data.format prompt_completion or chat: completion / assistant tokens).
+    f.objective = "lm"
     f.lora = ml_collections.ConfigDict()
     f.lora.rank = 8
     f.lora.alpha = 16.0  # The update is scaled by alpha / rank.
     f.lora.dropout = 0.0  # Dropout on the adapter's input, in training only.
-    # Projections that get an adapter: query, key, value, out (attention), gate, up, down (MLP).
-    f.lora.targets = ("query", "key", "value", "out", "gate", "up", "down")
+    f.lora.targets = LORA_TARGETS  # Projections that get an adapter (all of them).
     # a_gaussian_b_zero (standard: the update starts at 0 and both factors learn), a_zero_b_gaussian (starts at 0,
     # but B gets no gradient at step 0), both_gaussian (the model changes at step 0).
     f.lora.init = "a_gaussian_b_zero"
@@ -338,9 +342,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
-
-
 def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     f = config.finetune
     unknown = [t for t in f.lora.targets if t not in LORA_TARGETS]
@@ -363,6 +364,9 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     if config.data.format != "text" and not (config.data.tokenizer.path or config.init_from):
         raise ConfigError(f"config.data.format={config.data.format!r} needs the base model's tokenizer: set "
                           f"config.init_from (or config.data.tokenizer.path)")
+    if f.objective == "sft" and config.data.format == "text":
+        raise ConfigError("config.finetune.objective='sft' trains on completions: set config.data.format to "
+                          "prompt_completion or chat")
     if config.data.format != "text" and config.data.source != "files":
         raise ConfigError(f"config.data.format={config.data.format!r} reads JSON lines: set config.data.source='files' "
                           f"and config.data.files")

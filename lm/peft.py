@@ -143,8 +143,7 @@ def _is_adapter_path(path: tuple[str, ...]) -> bool:
 def split(params) -> tuple[dict, dict]:
     """`(base, adapters)`: the leaves of a parameter tree (or of a tree of the same structure: shardings, shapes)
     outside and inside adapters, each as a nested dict of the leaves it holds."""
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict)
-                                           else params)
+    flat = flax.traverse_util.flatten_dict(params)
     base = {path: leaf for path, leaf in flat.items() if not _is_adapter_path(path)}
     adapters = {path: leaf for path, leaf in flat.items() if _is_adapter_path(path)}
     return flax.traverse_util.unflatten_dict(base), flax.traverse_util.unflatten_dict(adapters)

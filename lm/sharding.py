@@ -212,7 +212,8 @@ class Shardings:
     `params`, `grads` and `opt_state` are pytrees of `NamedSharding`; `batch` shards `[batch, length]` arrays;
     `abstract_params` are the parameters' `ShapeDtypeStruct`s (unboxed). `params` covers the whole tree; a run
     with adapters (`lm.peft`) trains only `trainable` (its adapters; `frozen` is the base), so gradients and
-    optimizer state cover those alone. Full fine-tuning: `trainable` is `params`, `frozen` is `{}`.
+    optimizer state cover those alone (`abstract_trainable` / `abstract_frozen`: their shapes). Full fine-tuning:
+    `trainable` is `params`, `frozen` is `{}`.
     `mesh` may be a `jax.sharding.AbstractMesh` (sizes and names, no devices): `lm.preflight` sizes a run on a
     target mesh that way, with the same placement the run will use.
     """
@@ -241,7 +242,7 @@ class Shardings:
         to_named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
         self.params = to_named(zero_specs if self.zero_stage >= 3 else tp_specs)
         self.frozen, self.trainable = peft.trainable(self.params, config)
-        self.abstract_trainable = peft.trainable(self.abstract_params, config)[1]
+        self.abstract_frozen, self.abstract_trainable = peft.trainable(self.abstract_params, config)
         self.grads = peft.trainable(to_named(zero_specs if self.zero_stage >= 2 else tp_specs), config)[1]
         self._state_specs = peft.trainable(zero_specs if self.zero_stage >= 1 else tp_specs, config)[1]
         self.batch = batch_sharding(config, mesh)

@@ -155,11 +155,13 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
         frozen = {}  # A PEFT run's base (`lm.peft`), read again on every start: its checkpoints hold adapters only.
         if peft.is_peft(config):
             frozen = init_from_lib.initial_params(config, training.shardings)
-        if restored is None and config.init_from:
-            state = training.state_from(frozen or init_from_lib.initial_params(config, training.shardings))
+        if restored is None and config.init_from and not frozen:
+            state = training.state_from(init_from_lib.initial_params(config, training.shardings))
             _log(f"initialized from {config.init_from}")
         elif restored is None:
-            state = training.init_state()
+            state = training.init_state()  # Random weights, or a PEFT run's new adapters over its frozen base.
+            if frozen:
+                _log(f"new {config.finetune.method} adapters over {config.init_from}")
         else:
             step, state = restored
             _log(f"resumed from step {step}")

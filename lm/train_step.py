@@ -58,14 +58,11 @@ class Training:
                                 jax.random.key(self.config.seed))
 
     def state_from(self, params) -> TrainState:
-        """A fresh train state (step 0, new optimizer state) starting from `params` (`config.init_from`'s weights,
-        placed by `shardings.params`); a PEFT run keeps them as its frozen base and starts new adapters
-        (initialised from `config.seed`)."""
-        if not peft.is_peft(self.config):
-            init = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                             opt_state=self.optimizer.init(params))
-            return jax.jit(init, out_shardings=state_shardings(self.shardings))(params)
-        return self.init_state()
+        """A fresh train state (step 0, new optimizer state) around `params` placed by `shardings.trainable` (full
+        fine-tuning from `config.init_from`; a PEFT run starts new adapters with `init_state`)."""
+        init = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                         opt_state=self.optimizer.init(params))
+        return jax.jit(init, out_shardings=state_shardings(self.shardings))(params)
 
     def abstract_state(self) -> TrainState:
         """`ShapeDtypeStruct`s of the train state with their shardings (no allocation): the restore target."""
@@ -76,8 +73,7 @@ class Training:
 
     def abstract_frozen(self):
         """`ShapeDtypeStruct`s (with shardings) of the step's frozen argument: a PEFT run's base, else `{}`."""
-        return sharding_lib.abstract_arrays(peft.trainable(self.shardings.abstract_params, self.config)[0],
-                                            self.shardings.frozen)
+        return sharding_lib.abstract_arrays(self.shardings.abstract_frozen, self.shardings.frozen)
 
     def train_step(self):
         return make_train_step(self.config, self.model, self.optimizer, self.shardings)
@@ -177,7 +173,7 @@ def make_train_step(
     unchanged), `consecutive_skips` and `skipped_total` (`lm.optim.skip_counts`).
     """
     schedule = optim.learning_rate_schedule(config)
-    uses_dropout = peft.is_peft(config) and config.finetune.method == "lora" and config.finetune.lora.dropout > 0
+    uses_dropout = config.finetune.method == "lora" and config.finetune.lora.dropout > 0
 
     def step(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(jax.random.key(config.seed), state.step) if uses_dropout else None

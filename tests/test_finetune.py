@@ -1,6 +1,7 @@
 """Fine-tuning: the adapters of `lm.peft` (step 0, LoRA's initialisations, merging, PEFT export, sharding, memory,
 resume) and supervised fine-tuning data (`lm.data.sft`: masks per template, packing, bad records, overlong
-examples), ending with LoRA learning an instruction task the base model cannot do."""
+examples). LoRA learning an instruction task the base model cannot do is checked where it is shown:
+`notebooks/03_finetune.ipynb`, executed and its printed accuracies asserted by `tests/test_notebooks.py`."""
 
 import functools
 import io
@@ -140,6 +141,8 @@ def test_peft_config_errors_name_the_field():
         tiny_config("loreft", **{"finetune.loreft.layers": (5,)})
     with pytest.raises(ConfigError, match="config.finetune.method"):
         tiny_config("adapters")
+    with pytest.raises(ConfigError, match="config.finetune.objective='sft' trains on completions"):
+        tiny_config("lora", **{"finetune.objective": "sft"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -499,44 +502,3 @@ def test_packed_rows_give_the_loss_of_one_example_per_row(tmp_path, sentencepiec
     assert totals[True][1] == totals[False][1]  # The same trained tokens...
     assert totals[True][2] < totals[False][2] / 2  # ...in far fewer rows...
     np.testing.assert_allclose(totals[True][0], totals[False][0], rtol=1e-5)  # ...with the same loss.
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Learning: LoRA teaches a pretrained model a task it cannot do.
-
-
-def _reversal_records(items):
-    return [{"prompt": f"reverse: {' '.join(xs)}\nanswer:", "completion": " " + " ".join(xs[::-1])} for xs in items]
-
-
-def _greedy_accuracy(workdir: str, records) -> float:
-    restored = checkpoint.restore(workdir)
-    tokenizer = tokenizer_lib.from_workdir(workdir)
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"]) for r in records]
-    outputs = generate.generate(restored.config, restored.params, prompts, max_new_tokens=8,
-                                eos_id=tokenizer.eos_id)
-    answers = [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outputs]
-    return sum(a == r["completion"] for a, r in zip(answers, records)) / len(records)
-
-
-@pytest.mark.slow
-def test_lora_learns_to_reverse_lists_the_base_model_cannot(run_lm, tmp_path):
-    items = list(itertools.product("0123456789", repeat=3))
-    random.Random(0).shuffle(items)
-    held_out, train_items = _reversal_records(items[:50]), _reversal_records(items[50:])
-    files = _records_file(tmp_path / "train.jsonl", train_items)
-    model = ["--config=configs/tiny.py", "--config.model.d_model=128", "--config.model.mlp_dim=256",
-             "--config.model.num_layers=2", "--config.data.seq_len=64", "--config.log_every=50"]
-    base = str(tmp_path / "base")
-    run_lm("lm.train", f"--workdir={base}", *model, "--config.total_steps=100", "--config.eval_every=100",
-           "--config.checkpoint_every=100")
-    lora = str(tmp_path / "lora")
-    run_lm("lm.train", f"--workdir={lora}", "--config=configs/tiny.py", f"--config.init_from={base}",
-           "--config.finetune.method=lora", "--config.data.source=files", f"--config.data.files={files}",
-           "--config.data.format=prompt_completion", "--config.data.seq_len=64", "--config.total_steps=200",
-           "--config.optim.learning_rate=3e-3", "--config.optim.warmup_steps=10", "--config.eval_every=200",
-           "--config.checkpoint_every=200", "--config.log_every=50")
-    base_accuracy, lora_accuracy = _greedy_accuracy(base, held_out), _greedy_accuracy(lora, held_out)
-    print(f"held-out exact match: base {base_accuracy:.2f}, LoRA {lora_accuracy:.2f}")
-    assert base_accuracy < 0.1
-    assert lora_accuracy >= 0.9

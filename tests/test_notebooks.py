@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -103,6 +104,28 @@ def test_notebook_executes_without_errors_and_draws_figures(name, tmp_path):
     images = png_outputs(notebook)
     assert images, f"{name} displayed no matplotlib figure"
     assert all(png.startswith(b"\x89PNG") and len(png) > 5_000 for _, png in images), f"{name}: empty figures"
+    if name in PRINTED_RESULTS:
+        PRINTED_RESULTS[name](printed_text(notebook))
+
+
+def printed_text(notebook) -> str:
+    """Everything the executed notebook's cells printed."""
+    return "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for output in cell.get("outputs", []) if output.get("output_type") == "stream")
+
+
+def _lora_learned_the_task(text: str) -> None:
+    """03 is the fine-tuning issue's learning test: on held-out prompts of a task built in the notebook (reverse
+    three digits), greedy decoding of the pretrained base is below 10% exact, after LoRA at least 90%."""
+    match = re.search(r"held-out exact match: base (\d+)% -> LoRA (\d+)%", text)
+    assert match, "03_finetune.ipynb printed no held-out exact match"
+    base, lora = (int(value) for value in match.groups())
+    print(f"held-out exact match: base {base}%, LoRA {lora}%")
+    assert base < 10 and lora >= 90, (base, lora)
+
+
+# What a notebook must print, beyond running: a check of the printed text, by notebook.
+PRINTED_RESULTS = {"03_finetune.ipynb": _lora_learned_the_task}
 
 
 def _write_readme_images(scratch: pathlib.Path) -> None:

@@ -15,16 +15,16 @@ from __future__ import annotations
 from absl import flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_flags
 
 from lm import cli
 from lm import config as lm_config
 from lm import model as model_lib
 from lm import peft
+from lm import preflight
 from lm import sharding as sharding_lib
 from lm import train_step as train_step_lib
+from lm.bench import synthetic_batch
 from lm.bench.timing import median_seconds
 
 METHODS = ("full", "lora", "prefix", "loreft")
@@ -49,31 +49,17 @@ def method_config(config, method: str):
     return lm_config.validate(config)
 
 
-def _batch(config, sharding):
-    rng = np.random.default_rng(0)
-    shape = (config.data.batch_size, config.data.seq_len)
-    tokens = rng.integers(0, config.model.vocab_size, (shape[0], shape[1] + 1), dtype=np.int32)
-    host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones(shape, np.int32),
-            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
-            "weights": np.ones(shape, np.float32)}
-    return {k: jax.device_put(v, sharding) for k, v in host.items()}
-
-
 def compiled_memory(config, method: str) -> dict:
-    """Trainable parameters, optimizer-state bytes and the compiled step's memory analysis of `method`; nothing is
-    allocated (shapes only)."""
-    training = train_step_lib.build(method_config(config, method), jax.devices()[:1])
-    state = training.abstract_state()
-    batch = {name: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len),
-                                        jnp.float32 if name == "weights" else jnp.int32,
-                                        sharding=training.shardings.batch)
-             for name in ("inputs", "targets", "segment_ids", "positions", "weights")}
-    analysis = training.train_step().lower(state, batch, training.abstract_frozen()).compile().memory_analysis()
+    """Trainable parameters, optimizer-state bytes and the compiled step's memory analysis (`lm.preflight`) of
+    `method` on one device; nothing is allocated (shapes only)."""
+    config = method_config(config, method)
+    state = train_step_lib.build(config, jax.devices()[:1]).abstract_state()
+    compiled = preflight.compiled_memory(config, {"data": 1, "fsdp": 1, "tensor": 1})
     return {"method": method, "trainable": peft.count(state.params),
             "optimizer_bytes": sharding_lib.bytes_per_device(
-                state.opt_state, train_step_lib.state_shardings(training.shardings).opt_state),
-            "argument_bytes": analysis.argument_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
-            "output_bytes": analysis.output_size_in_bytes}
+                state.opt_state, jax.tree.map(lambda leaf: leaf.sharding, state.opt_state)),
+            "argument_bytes": compiled.arguments, "temp_bytes": compiled.temporaries,
+            "output_bytes": compiled.outputs}
 
 
 def step_seconds(config, method: str, steps: int) -> float:
@@ -85,7 +71,7 @@ def step_seconds(config, method: str, steps: int) -> float:
         base = peft.split(nn.unbox(model_lib.init(training.model, jax.random.key(1))))[0]
         frozen = jax.device_put(base, training.shardings.frozen)
     step = training.train_step()
-    batch = _batch(config, training.shardings.batch)
+    batch = synthetic_batch(config, training.shardings.batch)
 
     def run():
         nonlocal state

@@ -49,6 +49,7 @@ from lm import model as model_lib
 from lm import sharding as sharding_lib
 from lm import train_step as train_step_lib
 from lm.bench import loss as loss_bench
+from lm.bench import synthetic_batch
 from lm.bench.timing import median_seconds
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes: checks the script's logic on any backend in seconds.")
@@ -90,16 +91,6 @@ def train_configs(smoke: bool) -> dict:
             m.num_kv_heads = 4 if m.num_kv_heads == m.num_heads else 2
             config.data.seq_len, config.data.batch_size, config.loss.chunk_size = 64, 2, 256
     return {"gpt2_124m": gpt2, "llama_1b": llama}
-
-
-def synthetic_batch(config, sharding) -> dict[str, jax.Array]:
-    """One batch of random tokens in the train step's layout (one document per row), placed by `sharding`."""
-    rows, length = config.data.batch_size, config.data.seq_len
-    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (rows, length + 1), dtype=np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((rows, length), np.int32),
-             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)),
-             "weights": np.ones((rows, length), np.float32)}
-    return jax.device_put(batch, sharding)
 
 
 def _peak_bytes_in_use(device) -> int | None:

@@ -276,9 +276,7 @@ def hf_tensors(params, config):
     def lm_array(tensor: TensorMap, layer: int | None) -> np.ndarray:
         if not tensor.per_layer:
             return _to_host(_get(params, tensor.lm_path))
-        if config.model.scan_layers:
-            return _to_host(_get(params, ("layers", *tensor.lm_path))[layer])
-        return _to_host(_get(params, (f"layers_{layer}", *tensor.lm_path)))
+        return _layer_array(params, config, tensor.lm_path, layer)
 
     for template, parts in by_name.items():
         for layer in range(config.model.num_layers) if parts[0].per_layer else [None]:
@@ -299,18 +297,22 @@ def lora_tensors(adapters, config):
         if not tensor.per_layer or tensor.lm_path[-1] != "kernel":
             continue
         for layer in range(config.model.num_layers):
-            scope = ("layers",) if config.model.scan_layers else (f"layers_{layer}",)
             try:
-                a, b = (_get(adapters, (*scope, *tensor.lm_path[:-1], name)) for name in ("lora_a", "lora_b"))
+                a, b = (_layer_array(adapters, config, (*tensor.lm_path[:-1], name), layer)
+                        for name in ("lora_a", "lora_b"))
             except KeyError:  # Not a target.
                 continue
-            if config.model.scan_layers:
-                a, b = a[layer], b[layer]
-            a, b = _to_host(a), _to_host(b)
             r = a.shape[-1]
             module = "base_model.model." + tensor.hf_name.format(layer=layer).removesuffix(".weight")
             yield f"{module}.lora_A.weight", np.ascontiguousarray(a.reshape(-1, r).T)
             yield f"{module}.lora_B.weight", np.ascontiguousarray(b.reshape(r, -1).T)
+
+
+def _layer_array(params, config, path: tuple[str, ...], layer: int) -> np.ndarray:
+    """Layer `layer` of the per-layer parameter at `path` (relative to a block), on the host."""
+    if config.model.scan_layers:
+        return _to_host(_get(params, ("layers", *path))[layer])
+    return _to_host(_get(params, (f"layers_{layer}", *path)))
 
 
 def _get(tree, keys: tuple[str, ...]):
