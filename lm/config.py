@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -231,6 +232,8 @@ def base_config() -> ml_collections.ConfigDict:
     f.loreft = ml_collections.ConfigDict()
     f.loreft.rank = 4  # Dimension of the edited subspace.
     f.loreft.layers = ()  # Layer indices whose output is edited; () means every layer.
+    # Positions edited: "all", or pyreft's "f<N>", "l<N>", "f<N>+l<N>": the first / last N tokens of each prompt.
+    f.loreft.positions = "all"
 
     # Where a new run's weights come from: "" (random init), an lm workdir DIR or DIR:STEP, or a Hugging Face model
     # directory or hub id; the model fields then come from it too (lm/init_from.py).
@@ -281,6 +284,20 @@ def head_dim(model_config: ml_collections.ConfigDict) -> int:
     if model_config.head_dim is not None:
         return model_config.head_dim
     return model_config.d_model // model_config.num_heads
+
+
+def loreft_positions(spec: str) -> tuple[int, int] | None:
+    """`(first, last)` counts of a `config.finetune.loreft.positions` spec (`lm.peft`): None for `all`, `(3, 0)`
+    for `f3`, `(0, 2)` for `l2`, `(3, 2)` for `f3+l2`. Raises ValueError on anything else."""
+    if spec == "all":
+        return None
+    counts = {}
+    for part in spec.split("+"):
+        match = re.fullmatch(r"([fl])([1-9][0-9]*)", part)
+        if match is None or match[1] in counts:
+            raise ValueError(f"{spec!r}: expected 'all', 'f<N>', 'l<N>' or 'f<N>+l<N>' (N >= 1)")
+        counts[match[1]] = int(match[2])
+    return counts.get("f", 0), counts.get("l", 0)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -355,6 +372,10 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     if any(not isinstance(i, int) or not 0 <= i < config.model.num_layers for i in layers):
         raise ConfigError(f"config.finetune.loreft.layers={layers!r} must hold layer indices in [0, "
                           f"{config.model.num_layers})")
+    try:
+        loreft_positions(f.loreft.positions)
+    except ValueError as error:
+        raise ConfigError(f"config.finetune.loreft.positions={error}") from None
     if f.loreft.rank > config.model.d_model:
         raise ConfigError(f"config.finetune.loreft.rank={f.loreft.rank} must be at most config.model.d_model="
                           f"{config.model.d_model}")

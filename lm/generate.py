@@ -81,7 +81,7 @@ def _generate(params, prompt_bt, start_b, rng, *, model: model_lib.Transformer, 
     """Prefill plus the decode loop: `(new_tokens_bt, steps)`, rows padded with `pad_id` after their first token
     of `stop_ids` (EOS and the like)."""
     batch, prompt_length = prompt_bt.shape
-    cache = model_lib.KVCache.zeros(model.cfg, start_b, prompt_length + max_new_tokens)
+    cache = model_lib.KVCache.zeros(model.cfg, start_b, prompt_length + max_new_tokens, prompt_length)
     logits_bv, cache = model.apply({"params": params}, prompt_bt, cache, method=model.decode)
 
     def keep_going(carry):

@@ -31,7 +31,7 @@ import ml_collections
 
 from lm import attention as attention_lib
 from lm import peft
-from lm.config import head_dim
+from lm.config import head_dim, loreft_positions
 
 Initializer = Any
 
@@ -212,21 +212,26 @@ class KVCache:
       `AXES` (sharded by the config's rules like every activation).
     index: int32 scalar, the number of slots written; the next token goes to slot `index`.
     start_b: int32 `[batch]`, the first slot of each row's text.
+    prompt_end: int32 scalar, the slot after every row's prompt (slots before it hold the prompt, read by LoReFT runs
+      that edit chosen positions of the prompt, `lm.peft`).
     """
 
     key_lbsgh: jax.Array
     value_lbsgh: jax.Array
     index: jax.Array
     start_b: jax.Array
+    prompt_end: jax.Array
 
     AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
     @classmethod
-    def zeros(cls, cfg, start_b: jax.Array, max_len: int) -> "KVCache":
-        """An empty cache for `len(start_b)` rows of up to `max_len` slots. `cfg`: `model_config(config)`."""
+    def zeros(cls, cfg, start_b: jax.Array, max_len: int, prompt_end: int | None = None) -> "KVCache":
+        """An empty cache for `len(start_b)` rows of up to `max_len` slots whose prompts end at slot `prompt_end`
+        (default: every slot is prompt). `cfg`: `model_config(config)`."""
         shape = (cfg.num_layers, start_b.shape[0], max_len, cfg.num_kv_heads, head_dim(cfg))
         empty_lbsgh = nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), cls.AXES)
-        return cls(empty_lbsgh, empty_lbsgh, jnp.zeros((), jnp.int32), start_b.astype(jnp.int32))
+        return cls(empty_lbsgh, empty_lbsgh, jnp.zeros((), jnp.int32), start_b.astype(jnp.int32),
+                   jnp.int32(max_len if prompt_end is None else prompt_end))
 
     def positions(self, length: int) -> jax.Array:
         """int32 `[batch, length]` positions of the next `length` tokens within their rows' text (0 on padding)."""
@@ -314,16 +319,17 @@ class Block(nn.Module):
 
     pre-norm:  x = x + attn(norm(x)); x = x + mlp(norm(x))
     post-norm: x = norm(x + attn(x)); x = norm(x + mlp(x))
-    Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast), layer (scanned)) -> (carry, new kv)`
-    so it can be stacked with `nn.scan`; `kv = (key_bsgh, value_bsgh)` and `slots = (index, start_b)` are None
-    unless decoding; `layer` is this layer's index (int32 scalar). A LoReFT run edits the output (`lm.peft.Reft`).
+    Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast), layer (scanned), reft (broadcast))
+    -> (carry, new kv)` so it can be stacked with `nn.scan`; `kv = (key_bsgh, value_bsgh)` and
+    `slots = (index, start_b)` are None unless decoding; `layer` is this layer's index (int32 scalar). A LoReFT run
+    edits the output (`lm.peft.Reft`) at the tokens `reft_bt` marks (bool `[b, t]`; None: every token).
     """
 
     cfg: ml_collections.FrozenConfigDict
     peft: Any = None  # As `Attention.peft`.
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, slots=None, layer=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, slots=None, layer=None, reft_bt=None):
         cfg = self.cfg
         attention = Attention(cfg, self.peft, name="attention")
         mlp = Mlp(cfg, self.peft, name="mlp")
@@ -341,7 +347,7 @@ class Block(nn.Module):
         if self.peft is not None and self.peft.method == "loreft":
             layers = self.peft.loreft.layers
             on = jnp.isin(layer, jnp.asarray(layers, jnp.int32)) if layers else jnp.bool_(True)
-            x_btd = peft.Reft(cfg, self.peft.loreft, name="reft")(x_btd, on)
+            x_btd = peft.Reft(cfg, self.peft.loreft, name="reft")(x_btd, on, reft_bt)
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
         return x_btd, kv
 
@@ -379,7 +385,7 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.peft, name="layers")
@@ -398,6 +404,7 @@ class Transformer(nn.Module):
         tokens_bt: jax.Array,
         positions_bt: jax.Array | None = None,
         segment_ids_bt: jax.Array | None = None,
+        prompt_lengths_bt: jax.Array | None = None,
     ) -> jax.Array:
         """Hidden states of a batch of token sequences.
 
@@ -407,6 +414,8 @@ class Transformer(nn.Module):
             packed rows restart at 0 per document, so RoPE and learned positions restart too.
           segment_ids_bt: int `[batch, length]` document id of each token in a packed row; attention stays within
             a document. None: one document per row.
+          prompt_lengths_bt: int `[batch, length]` length of each token's document's prompt (`lm.peft.prompt_lengths`),
+            read only by LoReFT runs that edit chosen positions of the prompt. None: every document is all prompt.
 
         Returns:
           `[batch, length, d_model]` final hidden states in the compute dtype (final-normed for pre-norm models;
@@ -414,7 +423,9 @@ class Transformer(nn.Module):
         """
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        hidden_btd, _ = self._layers(tokens_bt, positions_bt, segment_ids_bt, cache=None)
+        if self._reft_positions() is not None and prompt_lengths_bt is None:
+            prompt_lengths_bt = peft.prompt_lengths(segment_ids_bt, None, tokens_bt.shape)
+        hidden_btd, _ = self._layers(tokens_bt, positions_bt, segment_ids_bt, prompt_lengths_bt, cache=None)
         return hidden_btd
 
     def decode(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -429,13 +440,24 @@ class Transformer(nn.Module):
           `[batch, t, vocab]`), and the cache with the new keys and values and `index` advanced by `t`.
         """
         length = tokens_bt.shape[1]
-        hidden_btd, (key_lbsgh, value_lbsgh) = self._layers(tokens_bt, cache.positions(length), None, cache=cache)
+        prompt_lengths_bt = jnp.broadcast_to((cache.prompt_end - cache.start_b)[:, None], tokens_bt.shape)
+        hidden_btd, (key_lbsgh, value_lbsgh) = self._layers(
+            tokens_bt, cache.positions(length), None, prompt_lengths_bt, cache=cache)
         cache = cache.replace(key_lbsgh=key_lbsgh, value_lbsgh=value_lbsgh, index=cache.index + length)
         return self.logits(hidden_btd[:, -1]), cache
 
-    def _layers(self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None):
+    def _reft_positions(self) -> tuple[int, int] | None:
+        """`(first, last)` prompt tokens a LoReFT run edits (`lm.config.loreft_positions`); None: every token, or not
+        a LoReFT run."""
+        if self.peft is None or self.peft.method != "loreft":
+            return None
+        return loreft_positions(self.peft.loreft.positions)
+
+    def _layers(self, tokens_bt, positions_bt, segment_ids_bt, prompt_lengths_bt, cache: KVCache | None):
         """Embedding, the blocks and the final norm: `(hidden_btd, (key_lbsgh, value_lbsgh) or None)`."""
         cfg = self.cfg
+        first_last = self._reft_positions()
+        reft_bt = None if first_last is None else peft.edit_mask(first_last, positions_bt, prompt_lengths_bt)
         x_btd = self.embed(tokens_bt)
         if cfg.position_embedding == "learned":
             x_btd = x_btd + jnp.take(self.position_table, positions_bt, axis=0).astype(cfg.dtype)
@@ -446,13 +468,13 @@ class Transformer(nn.Module):
         slots = None if cache is None else (cache.index, cache.start_b)
         if cfg.scan_layers:
             layer_l = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            x_btd, kv_lbsgh = self.layers(x_btd, positions_bt, segment_ids_bt, kv_lbsgh, slots, layer_l)
+            x_btd, kv_lbsgh = self.layers(x_btd, positions_bt, segment_ids_bt, kv_lbsgh, slots, layer_l, reft_bt)
         else:
             per_layer = []
             for i, layer in enumerate(self.layers):
                 x_btd, kv = layer(x_btd, positions_bt, segment_ids_bt,
                                   None if cache is None else jax.tree.map(lambda a: a[i], kv_lbsgh), slots,
-                                  jnp.int32(i))
+                                  jnp.int32(i), reft_bt)
                 per_layer.append(kv)
             kv_lbsgh = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         if kv_lbsgh is not None:

@@ -17,6 +17,7 @@ import ml_collections
 
 from lm import loss as loss_lib
 from lm import model as model_lib
+from lm import peft
 
 
 def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, config: ml_collections.ConfigDict,
@@ -28,8 +29,10 @@ def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, c
     (adapters with dropout, `lm.peft`), None otherwise.
     """
 
+    # A LoReFT run that edits chosen prompt positions reads where each example's prompt ends from the weights.
+    prompt_lengths_bt = peft.prompt_lengths(batch.get("segment_ids"), batch.get("weights"), batch["inputs"].shape)
     hidden_btd, kernel_dv = _hidden_and_head(params, batch["inputs"], model, batch.get("positions"),
-                                             batch.get("segment_ids"), rng)
+                                             batch.get("segment_ids"), prompt_lengths_bt, rng)
     return loss_lib.cross_entropy(
         hidden_btd, kernel_dv, batch["targets"], batch.get("weights"), chunk_size=config.loss.chunk_size,
         z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing,
@@ -37,15 +40,20 @@ def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, c
 
 
 def target_log_probs(params, inputs_bt: jax.Array, targets_bt: jax.Array, model: model_lib.Transformer,
-                     config: ml_collections.ConfigDict, candidates: tuple[jax.Array, jax.Array] | None = None):
+                     config: ml_collections.ConfigDict, candidates: tuple[jax.Array, jax.Array] | None = None,
+                     prompt_length_b: jax.Array | None = None):
     """`(log_prob_bt, is_argmax_bt)` of each target given the inputs up to it (one sequence per row, no packing):
-    fp32 and bool `[batch, length]`, blockwise over the vocabulary (`lm.loss.token_log_probs`).
+    fp32 and bool `[batch, length]`, blockwise over the vocabulary (`lm.loss.token_log_probs`). `prompt_length_b`
+    (int32 `[batch]`): how many of each row's inputs are its prompt (a context to score a continuation after: what
+    LoReFT runs editing chosen prompt positions read); None: all of them.
 
     With `candidates = (position_b, candidates_bk)` (int32 `[batch]`, `[batch, K]`), also `(log_prob_bk,
     is_argmax_bk)`: K other targets scored at one position of each row, from the same forward pass (the choices of a
     multiple-choice question whose inputs are the same).
     """
-    hidden_btd, kernel_dv = _hidden_and_head(params, inputs_bt, model)
+    prompt_lengths_bt = None if prompt_length_b is None else jnp.broadcast_to(prompt_length_b[:, None],
+                                                                              inputs_bt.shape)
+    hidden_btd, kernel_dv = _hidden_and_head(params, inputs_bt, model, prompt_lengths_bt=prompt_lengths_bt)
     scores = functools.partial(loss_lib.token_log_probs, kernel=kernel_dv, chunk_size=config.loss.chunk_size,
                                logit_softcap=config.model.logit_softcap)
     log_prob_bt, is_argmax_bt = scores(hidden_btd, targets=targets_bt)
@@ -57,11 +65,12 @@ def target_log_probs(params, inputs_bt: jax.Array, targets_bt: jax.Array, model:
     return (log_prob_bt, is_argmax_bt), scores(hidden_bkd, targets=candidates_bk)
 
 
-def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None, rng=None):
+def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None, prompt_lengths_bt=None,
+                     rng=None):
     """The final hidden states `[batch, length, d]` and the LM head `[d, vocab]` (both in the compute dtype)."""
 
     def hidden_and_head(module: model_lib.Transformer):
-        return module(inputs_bt, positions_bt, segment_ids_bt), module.output_kernel()
+        return module(inputs_bt, positions_bt, segment_ids_bt, prompt_lengths_bt), module.output_kernel()
 
     rngs = None if rng is None else {"dropout": rng}
     return model.apply({"params": params}, method=hidden_and_head, rngs=rngs)

@@ -20,9 +20,13 @@
   in a softmax of their own whose output is added through a per-head gate initialised to 0 (`tanh(gate)`,
   LLaMA-Adapter's zero-initialised attention), so step 0 is the base model. With `reparameterize`, each layer's
   prefixes are an MLP (`tanh`) of learned embeddings (Li & Liang 2021's reparameterisation).
-- `loreft` (Wu et al. 2024): at the output of the layers `loreft.layers` names (all by default), every position's
+- `loreft` (Wu et al. 2024): at the output of the layers `loreft.layers` names (all by default), a position's
   hidden state becomes `h + R^T (W h + b - R h)`: an edit inside the r-dimensional subspace spanned by R's rows.
-  R `[r, d]` starts with orthonormal rows, W as R and b as 0, so the edit is 0 at step 0.
+  R `[r, d]` starts with orthonormal rows, W as R and b as 0, so the edit is 0 at step 0. `loreft.positions` says
+  which positions: `all` (every one, prompt and completion, in training and in decoding), or pyreft's
+  `f{N}` / `l{N}` / `f{N}+l{N}`: the first and/or last N tokens of each document's prompt (`prompt_lengths`;
+  `lm.config.loreft_positions` reads the spec), the
+  rest (the completion; every generated token) unedited.
 
 Adapters live inside the model's one parameter tree (so `model.apply`, evaluation and sampling need nothing new),
 under names no base parameter has (`ADAPTER_NAMES`); `split` takes a tree apart into the frozen base and the
@@ -109,15 +113,50 @@ class Prefix(nn.Module):
         return out_btgrh.reshape(b, t, n, h) * jnp.tanh(gate_n.astype(q_btnh.dtype))[:, None]
 
 
+def prompt_lengths(segment_ids_bt: jax.Array | None, weights_bt: jax.Array | None,
+                   shape: tuple[int, int]) -> jax.Array:
+    """int32 `[batch, length]`: for each input token, the length of its document's prompt, in tokens.
+
+    A document is a run of equal `segment_ids` (None: one per row). Its prompt is its inputs up to the one that
+    predicts its first trained target (`weights > 0`), that one included: the prompt of a prompt/completion example,
+    all of it, wherever it sits in a packed row. A document with no trained target (`weights_bt` None: every
+    document) is all prompt.
+    """
+    batch, length = shape
+    index_bt = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), shape)
+    if segment_ids_bt is None:
+        starts_bt = index_bt == 0
+    else:
+        starts_bt = jnp.concatenate(
+            [jnp.ones((batch, 1), bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    start_bt = jax.lax.cummax(jnp.where(starts_bt, index_bt, 0), axis=1)
+    start_at_or_after_bt = jax.lax.cummin(jnp.where(starts_bt, index_bt, length), axis=1, reverse=True)
+    end_bt = jnp.concatenate([start_at_or_after_bt[:, 1:], jnp.full((batch, 1), length, jnp.int32)], axis=1)
+    if weights_bt is None:
+        return end_bt - start_bt
+    trained_at_or_after_bt = jax.lax.cummin(jnp.where(weights_bt > 0, index_bt, length), axis=1, reverse=True)
+    first_trained_bt = jnp.take_along_axis(trained_at_or_after_bt, start_bt, axis=1)
+    return jnp.where(first_trained_bt < end_bt, first_trained_bt + 1, end_bt) - start_bt
+
+
+def edit_mask(first_last: tuple[int, int], positions_bt: jax.Array, prompt_lengths_bt: jax.Array) -> jax.Array:
+    """bool `[batch, length]`: the tokens LoReFT edits, the first `first` and the last `last` of each document's
+    prompt (`positions_bt`: each token's position within its document)."""
+    first, last = first_last
+    in_prompt_bt = positions_bt < prompt_lengths_bt
+    return in_prompt_bt & ((positions_bt < first) | (positions_bt >= prompt_lengths_bt - last))
+
+
 class Reft(nn.Module):
-    """The LoReFT edit of one layer's output (module docstring): `h + on * R^T (W h + b - R h)`, `[b, t, d]`;
-    `on` (a traced bool) is whether this layer is one of `loreft.layers`."""
+    """The LoReFT edit of one layer's output (module docstring): `h + on * edit * R^T (W h + b - R h)`, `[b, t, d]`;
+    `on` (a traced bool) is whether this layer is one of `loreft.layers`, `edit_bt` (bool `[b, t]`, `edit_mask`;
+    None: every position) which tokens are edited."""
 
     cfg: Any
     loreft: Any
 
     @nn.compact
-    def __call__(self, h_btd: jax.Array, on: jax.Array) -> jax.Array:
+    def __call__(self, h_btd: jax.Array, on: jax.Array, edit_bt: jax.Array | None = None) -> jax.Array:
         cfg, rank = self.cfg, self.loreft.rank
         param_dtype = jnp.dtype(cfg.param_dtype)
         axes = ("reft_rank", "embed")
@@ -129,6 +168,8 @@ class Reft(nn.Module):
                             param_dtype)
         rotation_ad, weight_ad = rotation_ad.astype(h_btd.dtype), weight_ad.astype(h_btd.dtype)
         edit_bta = h_btd @ weight_ad.T + bias_a.astype(h_btd.dtype) - h_btd @ rotation_ad.T
+        if edit_bt is not None:
+            on = on & edit_bt[..., None]
         return h_btd + jnp.where(on, edit_bta @ rotation_ad, 0).astype(h_btd.dtype)
 
 

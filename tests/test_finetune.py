@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import random
+import re
 
 import flax.linen as nn
 import jax
@@ -92,6 +93,80 @@ def test_every_method_starts_as_the_base_model(method):
     base, adapters = peft.split(params)
     assert 0 < peft.count(adapters) < peft.count(base)
     np.testing.assert_array_equal(logits(config, params, TOKENS), logits(peft.base_config(config), base, TOKENS))
+
+
+def test_prompt_lengths_and_loreft_positions_in_a_packed_row():
+    segment_ids_bt = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]])
+    weights_bt = jnp.array([[0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0]])  # Padding (segment 0) trains nothing.
+    positions_bt = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1]])
+    lengths_bt = peft.prompt_lengths(segment_ids_bt, weights_bt, segment_ids_bt.shape)
+    # Input 2 predicts the first trained target of the first example: its prompt is inputs 0-2; the second's 5-6.
+    np.testing.assert_array_equal(lengths_bt, [[3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2]])
+    np.testing.assert_array_equal(peft.prompt_lengths(segment_ids_bt, None, (1, 11)), [[5] * 5 + [4] * 4 + [2] * 2])
+    np.testing.assert_array_equal(peft.prompt_lengths(None, None, (1, 11)), [[11] * 11])
+    edited = lambda spec: np.asarray(peft.edit_mask(lm_config.loreft_positions(spec), positions_bt, lengths_bt))
+    np.testing.assert_array_equal(edited("f1"), [[1, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0]])
+    np.testing.assert_array_equal(edited("l2"), [[0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(edited("f1+l1"), [[1, 0, 1, 0, 0, 1, 1, 0, 0, 1, 1]])
+    assert lm_config.loreft_positions("all") is None
+    for bad in ("f0", "l", "f2+f3", "first3", "f3+"):
+        with pytest.raises(ConfigError, match=f"config.finetune.loreft.positions='{re.escape(bad)}': expected"):
+            tiny_config("loreft", **{"finetune.loreft.positions": bad})
+
+
+def test_loreft_positions_edit_the_same_prompt_tokens_in_packed_training_scoring_and_decoding():
+    """A LoReFT model editing the first and last two tokens of each prompt, its interventions made nonzero: the
+    completion's log-probabilities agree between a packed training batch (prompts found from the weights), scoring
+    one example per row with its prompt length (the harness), and decoding with a KV cache (`lm.generate`)."""
+    config = tiny_config("loreft", **{"finetune.loreft.positions": "f1+l2"})
+    model = model_lib.build(config)
+    params = nn.unbox(jax.jit(lambda key: model_lib.init(model, key))(jax.random.key(0)))
+    reft = params["layers"]["reft"]
+    reft["weight"] = reft["weight"] + jax.random.normal(jax.random.key(1), reft["weight"].shape)
+    keys = jax.random.split(jax.random.key(2), 4)
+    examples = [(jax.random.randint(keys[0], (6,), 1, 128), jax.random.randint(keys[1], (3,), 1, 128)),
+                (jax.random.randint(keys[2], (4,), 1, 128), jax.random.randint(keys[3], (4,), 1, 128))]
+
+    def scored(params, config):  # Completion log-probs, one example per row.
+        model = model_lib.build(config)
+        log_probs = []
+        for prompt, completion in examples:
+            tokens = jnp.concatenate([prompt, completion])[None]
+            log_prob_1t, _ = objective.target_log_probs(params, tokens[:, :-1], tokens[:, 1:], model, config,
+                                                        prompt_length_b=jnp.array([len(prompt)]))
+            log_probs.append(log_prob_1t[0, len(prompt) - 1:])
+        return jnp.concatenate(log_probs)
+
+    log_probs = scored(params, config)
+    # Packed: both examples in one row, the loss weights on their completions.
+    inputs, targets, weights, segment_ids, positions = [], [], [], [], []
+    for segment, (prompt, completion) in enumerate(examples, 1):
+        tokens = jnp.concatenate([prompt, completion])
+        inputs.append(tokens[:-1])
+        targets.append(tokens[1:])
+        weights.append(jnp.arange(len(tokens) - 1) >= len(prompt) - 1)
+        segment_ids.append(jnp.full((len(tokens) - 1,), segment))
+        positions.append(jnp.arange(len(tokens) - 1))
+    batch = {name: jnp.concatenate(parts)[None] for name, parts in (
+        ("inputs", inputs), ("targets", targets), ("weights", weights), ("segment_ids", segment_ids),
+        ("positions", positions))}
+    batch["weights"] = batch["weights"].astype(jnp.float32)
+    _, aux = objective.lm_loss(params, batch, model, config)
+    np.testing.assert_allclose(float(aux["nll"]), -float(log_probs.mean()), rtol=1e-5)
+    # Decoding: the prompt in one prefill, then the completion token by token, past the prompt's end.
+    decoded = []
+    for prompt, completion in examples:
+        cache = model_lib.KVCache.zeros(model.cfg, jnp.zeros((1,), jnp.int32), len(prompt) + len(completion),
+                                        prompt_end=len(prompt))
+        logits_1v, cache = model.apply({"params": params}, prompt[None], cache, method=model.decode)
+        for token in completion:
+            decoded.append(jax.nn.log_softmax(logits_1v[0])[token])
+            logits_1v, cache = model.apply({"params": params}, token[None, None], cache, method=model.decode)
+    np.testing.assert_allclose(np.array(decoded), log_probs, atol=2e-5)
+    # The positions matter: editing every position scores the completions differently.
+    config_all = config.copy_and_resolve_references()
+    config_all.finetune.loreft.positions = "all"
+    assert float(jnp.abs(scored(params, lm_config.validate(config_all)) - log_probs).max()) > 1e-3
 
 
 def test_lora_flops_count_its_adapters_and_no_weight_gradients_of_the_base():

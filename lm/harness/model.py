@@ -169,24 +169,26 @@ class HarnessModel(TemplateLM):
 
         The model reads `(context + continuation)[:-1]`, its last `max_length` tokens. Requests that give it the same
         tokens (the choices of a multiple-choice question with one-token answers, say) share one row: their last
-        tokens are scored together at the row's last position, as the harness's `hf` backend shares its logits.
+        tokens are scored together at the row's last position, as the harness's `hf` backend shares its logits. A
+        row's prompt is its context (what LoReFT runs that edit chosen prompt positions read), so requests share a row
+        only when their contexts have the same length too.
         """
-        rows: dict[tuple[int, ...], list[int]] = {}
+        rows: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for index, (_, context, continuation) in enumerate(requests):
             inputs = tuple((context + continuation)[:-1][-self._max_length:])
             if not 0 < len(continuation) <= len(inputs):  # (An empty context would leave nothing to condition on.)
                 raise ArgumentError(f"a request needs a context token and a continuation of 1 to "
                                     f"max_length={self._max_length} tokens, got {len(context)} and {len(continuation)}")
-            rows.setdefault(inputs, []).append(index)
-        ordered = sorted(rows.items(), key=lambda row: (-len(row[0]), row[0]))  # Longest first, as the harness.
+            rows.setdefault((inputs, len(inputs) + 1 - len(continuation)), []).append(index)
+        ordered = sorted(rows.items(), key=lambda row: (-len(row[0][0]), row[0]))  # Longest first, as the harness.
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm or jax.process_index() != 0,
                         desc="lm: loglikelihood requests")
         for start in range(0, len(ordered), self._batch_size):
             batch = ordered[start:start + self._batch_size]
             log_prob_bt, argmax_bt, last_log_prob_bk, last_argmax_bk = self._score_rows(
-                [inputs for inputs, _ in batch], [[requests[i][2][-1] for i in members] for _, members in batch])
-            for b, (inputs, members) in enumerate(batch):
+                [row for row, _ in batch], [[requests[i][2][-1] for i in members] for _, members in batch])
+            for b, ((inputs, _), members) in enumerate(batch):
                 last = len(inputs) - 1  # The position that predicts a continuation's last token.
                 for k, index in enumerate(members):
                     key, _, continuation = requests[index]
@@ -200,25 +202,29 @@ class HarnessModel(TemplateLM):
         progress.close()
         return results
 
-    def _score_rows(self, inputs: list[tuple[int, ...]], last_targets: list[list[int]]) -> tuple[np.ndarray, ...]:
-        """Scores each row's inputs against its next tokens, and at its last position each of its `last_targets`:
-        `(log_prob_bt, is_argmax_bt, last_log_prob_bk, last_is_argmax_bk)` on the host (the rows of `inputs`)."""
-        length = bucket_length(max(map(len, inputs)), self._max_length)
+    def _score_rows(self, rows: list[tuple[tuple[int, ...], int]], last_targets: list[list[int]]
+                    ) -> tuple[np.ndarray, ...]:
+        """Scores each row's inputs (`rows`: `(inputs, prompt length)`) against its next tokens, and at its last
+        position each of its `last_targets`: `(log_prob_bt, is_argmax_bt, last_log_prob_bk, last_is_argmax_bk)` on
+        the host (one per row)."""
+        length = bucket_length(max(len(inputs) for inputs, _ in rows), self._max_length)
         candidates = 1 << (max(map(len, last_targets)) - 1).bit_length()  # A power of two: few compiled shapes.
         inputs_bt = np.zeros((self._rows, length), np.int32)
         targets_bt = np.zeros((self._rows, length), np.int32)
         last_b = np.zeros((self._rows,), np.int32)
         last_targets_bk = np.zeros((self._rows, candidates), np.int32)
-        for b, (tokens, targets) in enumerate(zip(inputs, last_targets)):
+        prompt_length_b = np.zeros((self._rows,), np.int32)
+        for b, ((tokens, prompt_length), targets) in enumerate(zip(rows, last_targets)):
             inputs_bt[b, :len(tokens)] = tokens
             targets_bt[b, :len(tokens) - 1] = tokens[1:]
             last_b[b] = len(tokens) - 1
             last_targets_bk[b, :len(targets)] = targets
+            prompt_length_b[b] = prompt_length
         arrays = [sharding_lib.from_host(a, sharding) for a, sharding in (
             (inputs_bt, self.shardings.batch), (targets_bt, self.shardings.batch), (last_b, self._rows_sharding),
-            (last_targets_bk, self._rows_sharding))]
+            (last_targets_bk, self._rows_sharding), (prompt_length_b, self._rows_sharding))]
         scores = jax.device_get(self._score(self.params, *arrays))
-        return tuple(np.asarray(score)[:len(inputs)] for score in scores)
+        return tuple(np.asarray(score)[:len(rows)] for score in scores)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
@@ -292,18 +298,20 @@ class HarnessModel(TemplateLM):
 
 
 def _scorer(config, shardings: sharding_lib.Shardings, rows_sharding):
-    """The jitted `(params, inputs_bt, targets_bt, last_b, last_targets_bk) -> (log_prob_bt, is_argmax_bt,
-    last_log_prob_bk, last_is_argmax_bk)` (`lm.objective.target_log_probs`), replicated on every device."""
+    """The jitted `(params, inputs_bt, targets_bt, last_b, last_targets_bk, prompt_length_b) -> (log_prob_bt,
+    is_argmax_bt, last_log_prob_bk, last_is_argmax_bk)` (`lm.objective.target_log_probs`), replicated on every
+    device."""
     model = model_lib.build(config)
 
-    def score(params, inputs_bt, targets_bt, last_b, last_targets_bk):
+    def score(params, inputs_bt, targets_bt, last_b, last_targets_bk, prompt_length_b):
         with shardings.activation_rules():
             (log_prob_bt, is_argmax_bt), (last_log_prob_bk, last_is_argmax_bk) = objective.target_log_probs(
-                params, inputs_bt, targets_bt, model, config, candidates=(last_b, last_targets_bk))
+                params, inputs_bt, targets_bt, model, config, candidates=(last_b, last_targets_bk),
+                prompt_length_b=prompt_length_b)
         return log_prob_bt, is_argmax_bt, last_log_prob_bk, last_is_argmax_bk
 
     batch = shardings.batch
-    return jax.jit(score, in_shardings=(shardings.params, batch, batch, rows_sharding, rows_sharding),
+    return jax.jit(score, in_shardings=(shardings.params, batch, batch, rows_sharding, rows_sharding, rows_sharding),
                    out_shardings=shardings.replicated)
 
 
