@@ -38,7 +38,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "data.source": ("default", "tfds", "files", "synthetic"),
-    "data.format": ("text", "prompt_completion", "chat"),
+    "data.format": ("text", "prompt_completion", "chat", "preference"),
     "data.overlong": ("truncate", "drop"),
     "finetune.method": ("full", "lora", "prefix", "loreft"),
     "finetune.objective": ("lm", "sft"),
@@ -388,6 +388,12 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     if f.objective == "sft" and config.data.format == "text":
         raise ConfigError("config.finetune.objective='sft' trains on completions: set config.data.format to "
                           "prompt_completion or chat")
+    if config.data.format == "preference" and f.objective not in ("dpo", "reward"):
+        raise ConfigError(f"config.data.format='preference' holds pairs for config.finetune.objective dpo or reward, "
+                          f"not {f.objective!r}")
+    if config.data.format == "preference" and config.data.batch_size % 2:
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size} must be even with preference data "
+                          f"(a pair's chosen and rejected rows)")
     if config.data.format != "text" and config.data.source != "files":
         raise ConfigError(f"config.data.format={config.data.format!r} reads JSON lines: set config.data.source='files' "
                           f"and config.data.files")

@@ -2,11 +2,13 @@
 the fixtures several modules share: one tokenizer/dataset cache, a runner for lm's programs, one small trained run.
 """
 
+import io
 import os
 import subprocess
 import sys
 
 import pytest
+import sentencepiece
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -21,6 +23,10 @@ SMALL_MODEL = [
     "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=128",
     "--config.data.seq_len=32", "--config.data.batch_size=8",
 ]
+
+# What the fine-tuning tests' tokenizers are trained on: the words of their records.
+RECORDS_CORPUS = "\n".join(["User: hi there, what is 2+2?", "Assistant: hello, it is 4.", "System: Be brief.",
+                            "reverse: a b c\nanswer: c b a", "Q: 2+2?\nA: 4"] * 20)
 
 
 def environment(devices: int = 1) -> dict[str, str]:
@@ -72,3 +78,21 @@ def small_run(run_lm, tmp_path_factory) -> str:
            "--config.eval_steps=2", "--config.checkpoint_every=2", "--config.total_steps=4", "--config.mesh.data=2",
            "--config.mesh.fsdp=2", "--config.mesh.tensor=2", devices=8)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer(tmp_path_factory) -> str:
+    """The path of a SentencePiece model trained as lm trains its own (`lm.data.tokenizer_training` settings), on a
+    toy corpus of the fine-tuning tests' records (`RECORDS_CORPUS`)."""
+    from lm import config as lm_config
+    from lm.data import tokenizer_training
+
+    settings = tokenizer_training.training_settings(lm_config.base_config())
+    settings = {k: v for k, v in settings.items() if k not in ("max_chars", "sentencepiece")}
+    settings["vocab_size"] = 320
+    writer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(RECORDS_CORPUS.splitlines(keepends=True)),
+                                            model_writer=writer, **settings)
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    path.write_bytes(writer.getvalue())
+    return str(path)

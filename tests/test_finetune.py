@@ -4,7 +4,6 @@ examples). LoRA learning an instruction task the base model cannot do is checked
 `notebooks/03_finetune.ipynb`, executed and its printed accuracies asserted by `tests/test_notebooks.py`."""
 
 import functools
-import io
 import itertools
 import json
 import os
@@ -16,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sentencepiece as spm
 
+from conftest import RECORDS_CORPUS
 from lm import checkpoint
 from lm import config as lm_config
 from lm import evaluate as evaluate_lib
@@ -32,7 +31,6 @@ from lm import train_step as train_step_lib
 from lm.bench import finetune as finetune_bench
 from lm.data import chat, pipeline, sft
 from lm.data import tokenizer as tokenizer_lib
-from lm.data import tokenizer_training
 from lm.errors import CheckpointError, ConfigError, EmptyDatasetError, RecordError
 from lm.hf import convert
 
@@ -361,25 +359,9 @@ def test_preflight_sizes_a_lora_run_by_its_adapters():
 # ---------------------------------------------------------------------------------------------------------------
 # Supervised fine-tuning data.
 
-CORPUS = "\n".join(["User: hi there, what is 2+2?", "Assistant: hello, it is 4.", "System: Be brief.",
-                    "reverse: a b c\nanswer: c b a", "Q: 2+2?\nA: 4"] * 20)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "4"}]
-
-
-@pytest.fixture(scope="module")
-def sentencepiece_tokenizer(tmp_path_factory) -> str:
-    """A SentencePiece model trained as lm trains its own (`lm.data.tokenizer_training` settings), on a toy corpus."""
-    settings = tokenizer_training.training_settings(lm_config.base_config())
-    settings = {k: v for k, v in settings.items() if k not in ("max_chars", "sentencepiece")}
-    settings["vocab_size"] = 320
-    writer = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS.splitlines(keepends=True)), model_writer=writer,
-                                   **settings)
-    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
-    path.write_bytes(writer.getvalue())
-    return str(path)
 
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -400,7 +382,7 @@ def _hf_tokenizer_dir(directory, template: str, eos: str) -> str:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(
+    tokenizer.train_from_iterator(RECORDS_CORPUS.splitlines(), trainers.BpeTrainer(
         vocab_size=400, special_tokens=HF_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     os.makedirs(directory, exist_ok=True)
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
@@ -426,7 +408,7 @@ def _tokenized(tokenizer_path, record, data_format, chat_template=""):
     config = lm_config.base_config()
     config.data.chat_template = chat_template
     tokenizer = tokenizer_lib.load(tokenizer_path)
-    template, add_bos = sft._template(config, tokenizer)
+    template, add_bos = sft.chat_template(config, tokenizer)
     ids, trained = sft.tokenize(sft.Record("x.jsonl:1", record), data_format, tokenizer, template, add_bos)
     return tokenizer, ids, trained
 

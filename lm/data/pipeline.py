@@ -58,7 +58,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm.data import packing, sft, sources
+from lm.data import packing, preference, sft, sources
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import ArgumentError, ConfigError, EmptyDatasetError, IteratorStateError
 
@@ -265,10 +265,20 @@ def make_iterator(
         layout = ("pack" if config.data.pack else "pad") if layout in (None, "windows") else layout
         meta.update(source=resolved.fingerprint, tokenizer=tokenizer.fingerprint(), layout=layout,
                     shuffle=bool(shuffle))
-        rows_ds = _sft_rows(config, resolved, tokenizer, layout, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                            process_index=process_index, process_count=process_count, rows=rows)
         padding = packing.padding_example(seq_len, pad_id_of(tokenizer))
-        batches = rows_ds.batch(rows, drop_remainder=False, batch_fn=lambda e: _stack(list(e), rows, padding))
+        if resolved.format == "preference":  # Pairs of rows, always padded (`lm.data.preference`).
+            meta.update(layout="pad")
+            pairs = _fine_tuning_examples(config, resolved, tokenizer, shuffle=shuffle, seed=seed,
+                                          num_epochs=num_epochs, process_index=process_index,
+                                          process_count=process_count)
+            pairs = pairs.map(lambda pair: preference.to_rows(pair, seq_len, pad_id_of(tokenizer)))
+            batches = pairs.batch(rows // 2, drop_remainder=False,
+                                  batch_fn=lambda e: preference.stack(list(e), rows, padding))
+        else:
+            rows_ds = _sft_rows(config, resolved, tokenizer, layout, shuffle=shuffle, seed=seed,
+                                num_epochs=num_epochs, process_index=process_index, process_count=process_count,
+                                rows=rows)
+            batches = rows_ds.batch(rows, drop_remainder=False, batch_fn=lambda e: _stack(list(e), rows, padding))
         if prefetch > 0:
             batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
         return BatchIterator(iter(batches), meta=meta, tokenizer=tokenizer, **common)
@@ -297,20 +307,29 @@ def make_iterator(
     return BatchIterator(iter(batches), meta=meta, tokenizer=tokenizer, **common)
 
 
-def _sft_rows(config, split: sft.SftSplit, tokenizer, layout: str, *, shuffle: bool, seed: int,
-              num_epochs: int | None, process_index: int, process_count: int, rows: int) -> grain.IterDataset:
-    """Rows of whole fine-tuning examples (`lm.data.sft`): this process's share of the split's examples, shuffled
-    every epoch, packed first-fit (`pack`) or one per padded row (`pad`)."""
-    tokenized = sft.examples(config, split, tokenizer)
+def _fine_tuning_examples(config, split: sft.SftSplit, tokenizer, *, shuffle: bool, seed: int,
+                          num_epochs: int | None, process_index: int, process_count: int) -> grain.IterDataset:
+    """This process's share of the split's tokenized examples (`lm.data.sft`; pairs for `lm.data.preference`),
+    shuffled every epoch; what was truncated or dropped is logged once."""
+    module = preference if split.format == "preference" else sft
+    tokenized = module.examples(config, split, tokenizer)
     if process_index == 0:
         logging.info("%s", tokenized.report(split, config.data.seq_len))
     if not tokenized.examples[process_index::process_count]:
-        raise EmptyDatasetError(f"{split.description} has {len(tokenized.examples)} examples, none for process "
-                                f"{process_index} of {process_count}")
+        raise EmptyDatasetError(f"{split.description} has {len(tokenized.examples)} {tokenized.unit}, none for "
+                                f"process {process_index} of {process_count}")
     ds = grain.MapDataset.source(tokenized.examples)[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    examples = ds.repeat(num_epochs).to_iter_dataset()
+    return ds.repeat(num_epochs).to_iter_dataset()
+
+
+def _sft_rows(config, split: sft.SftSplit, tokenizer, layout: str, *, shuffle: bool, seed: int,
+              num_epochs: int | None, process_index: int, process_count: int, rows: int) -> grain.IterDataset:
+    """Rows of whole fine-tuning examples (`lm.data.sft`): packed first-fit (`pack`) or one per padded row
+    (`pad`)."""
+    examples = _fine_tuning_examples(config, split, tokenizer, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+                                     process_index=process_index, process_count=process_count)
     seq_len, pad_id = config.data.seq_len, pad_id_of(tokenizer)
     if layout == "pad":
         return examples.map(lambda example: sft.to_example(example, seq_len, pad_id))

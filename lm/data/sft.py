@@ -6,12 +6,15 @@
   tokens and EOS trained;
 - `chat`: `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}` ending with an assistant
   message -> the conversation rendered by the chat template (`lm.data.chat`: the tokenizer's own, or lm's plain one
-  with BOS in front), every assistant turn trained (`chat.assistant_spans`).
+  with BOS in front), every assistant turn trained (`chat.assistant_spans`);
+- `preference`: `{"prompt", "chosen", "rejected"}`, all strings, or a list of chat messages and two lists ending
+  with an assistant message: two examples per record (`lm.data.preference`), checked here like the others.
 
 A token is trained when the character it starts at lies in a trained span (`Tokenizer.encode_with_offsets`), so
 the masks follow the text, whatever the tokenizer merges. A record that breaks these rules (not JSON, a missing or
-non-string field, an unknown role, an empty completion, a chat that does not end with the assistant) is an
-`RecordError` naming the file and line, raised before anything is compiled.
+non-string field, an unknown role, an empty completion, a chat that does not end with the assistant, a chosen
+completion identical to the rejected one) is a `RecordError` naming the file and line, raised before anything is
+compiled.
 
 Splits: a record is in `validation` when `lm.data.text_files.is_validation("FILE:LINE", ...)` says so (the same
 5% rule by key hash as documents of local files), else in `train`.
@@ -69,24 +72,52 @@ def _check(fields, key: str, data_format: str) -> None:
     if not isinstance(fields, dict):
         raise RecordError(f"{where} must be a JSON object, got {type(fields).__name__}")
     if data_format == "prompt_completion":
-        for name in ("prompt", "completion"):
-            if not isinstance(fields.get(name), str):
-                raise RecordError(f"{where} needs a string field {name!r}"
-                                     + (f" (got {type(fields[name]).__name__})" if name in fields else ""))
-        if not fields["completion"]:
-            raise RecordError(f"{where} has an empty 'completion': nothing to train on")
-        return
-    messages = fields.get("messages")
+        _check_strings(fields, ("prompt", "completion"), where)
+    elif data_format == "chat":
+        _check_messages(fields.get("messages"), "'messages'", where, ends_with_assistant=True)
+    else:
+        _check_preference(fields, where)
+
+
+def _check_strings(fields: dict, names: tuple[str, ...], where: str) -> None:
+    """String fields `names`, the last (the completion) not empty."""
+    for name in names:
+        if not isinstance(fields.get(name), str):
+            raise RecordError(f"{where} needs a string field {name!r}"
+                              + (f" (got {type(fields[name]).__name__})" if name in fields else ""))
+    if not fields[names[-1]]:
+        raise RecordError(f"{where} has an empty {names[-1]!r}: nothing to train on")
+
+
+def _check_messages(messages, name: str, where: str, ends_with_assistant: bool) -> None:
+    """A non-empty list of `{"role", "content"}` messages; `name`: the field, named in errors unless `messages`."""
+    of = "" if name == "'messages'" else f" of {name}"
     if not isinstance(messages, list) or not messages:
-        raise RecordError(f"{where} needs 'messages', a non-empty list of {{'role', 'content'}} objects")
+        raise RecordError(f"{where} needs {name}, a non-empty list of {{'role', 'content'}} objects")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in chat.ROLES:
             role = message.get("role") if isinstance(message, dict) else message
-            raise RecordError(f"{where}: message {i} has role {role!r}, not one of {', '.join(chat.ROLES)}")
+            raise RecordError(f"{where}: message {i}{of} has role {role!r}, not one of {', '.join(chat.ROLES)}")
         if not isinstance(message.get("content"), str):
-            raise RecordError(f"{where}: message {i} needs a string 'content'")
-    if messages[-1]["role"] != "assistant":
-        raise RecordError(f"{where} must end with an assistant message, ends with {messages[-1]['role']!r}")
+            raise RecordError(f"{where}: message {i}{of} needs a string 'content'")
+    if ends_with_assistant and messages[-1]["role"] != "assistant":
+        raise RecordError(f"{where}{of} must end with an assistant message, ends with {messages[-1]['role']!r}")
+
+
+def _check_preference(fields: dict, where: str) -> None:
+    """Three strings, or a prompt of messages and chosen / rejected lists of messages ending with the assistant."""
+    for name in ("prompt", "chosen", "rejected"):
+        if name not in fields:
+            raise RecordError(f"{where} needs a field {name!r}")
+    if isinstance(fields["prompt"], str):
+        _check_strings(fields, ("prompt", "chosen"), where)
+        _check_strings(fields, ("prompt", "rejected"), where)
+    else:
+        _check_messages(fields["prompt"], "'prompt'", where, ends_with_assistant=False)
+        for name in ("chosen", "rejected"):
+            _check_messages(fields[name], repr(name), where, ends_with_assistant=True)
+    if fields["chosen"] == fields["rejected"]:
+        raise RecordError(f"{where} has 'chosen' identical to 'rejected': the pair prefers nothing")
 
 
 def resolve(config: ml_collections.ConfigDict, split: str) -> SftSplit:
@@ -119,7 +150,7 @@ def resolve(config: ml_collections.ConfigDict, split: str) -> SftSplit:
     return SftSplit(split, data_format, tuple(records), description, digest.hexdigest()[:16])
 
 
-def _template(config, tokenizer: tokenizer_lib.Tokenizer) -> tuple[str, bool]:
+def chat_template(config, tokenizer: tokenizer_lib.Tokenizer) -> tuple[str, bool]:
     """`(template, add_bos)`: the configured chat template, and whether lm puts BOS in front (its plain template;
     a model's own template writes its BOS itself)."""
     choice = config.data.chat_template
@@ -128,9 +159,10 @@ def _template(config, tokenizer: tokenizer_lib.Tokenizer) -> tuple[str, bool]:
     return (choice or tokenizer.chat_template), False
 
 
-def tokenize(record: Record, data_format: str, tokenizer: tokenizer_lib.Tokenizer, template: str, add_bos: bool
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """`(tokens, trained)`: int32 and bool `[n]`; `trained[i]`: token i is a target the loss counts."""
+def tokenize(record: Record, data_format: str, tokenizer: tokenizer_lib.Tokenizer, template: str, add_bos: bool,
+             trained_turns: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`(tokens, trained)`: int32 and bool `[n]`; `trained[i]`: token i is a target the loss counts. A chat trains
+    its last `trained_turns` assistant turns (None: all of them)."""
     if data_format == "prompt_completion":
         text = record.fields["prompt"] + record.fields["completion"]
         spans = [(len(record.fields["prompt"]), len(text))]
@@ -139,6 +171,7 @@ def tokenize(record: Record, data_format: str, tokenizer: tokenizer_lib.Tokenize
             text, spans = chat.assistant_spans(template, record.fields["messages"], tokenizer.special_tokens())
         except ChatTemplateError as error:
             raise RecordError(f"{record.key}: {error}") from None
+        spans = spans if trained_turns is None else spans[len(spans) - trained_turns:]
     ids, starts = tokenizer.encode_with_offsets(text)
     starts_n = np.asarray(starts, np.int64)
     trained = np.zeros(len(ids), bool)
@@ -159,9 +192,10 @@ class Examples:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_untrained: int = 0
+    unit: str = "examples"  # What one of `examples` is (`lm.data.preference`: pairs).
 
     def report(self, split: SftSplit, seq_len: int) -> str:
-        return (f"{split.description}: {len(self.examples)} examples of {split.num_documents} records; "
+        return (f"{split.description}: {len(self.examples)} {self.unit} of {split.num_documents} records; "
                 f"{self.truncated} truncated and {self.dropped_overlong} dropped for being longer than seq_len + 1 = "
                 f"{seq_len + 1} tokens, {self.dropped_untrained} dropped with nothing to train on after truncation")
 
@@ -169,23 +203,35 @@ class Examples:
 def examples(config: ml_collections.ConfigDict, split: SftSplit, tokenizer: tokenizer_lib.Tokenizer) -> Examples:
     """Tokenizes every record of `split`, truncating or dropping as `config.data.overlong` says (module docstring).
     Raises EmptyDatasetError when no example is left."""
+    template, add_bos = chat_template(config, tokenizer)
+    return fit_examples(config, split, tokenizer, lambda record: {
+        "": tokenize(record, split.format, tokenizer, template, add_bos)}, "examples")
+
+
+def fit_examples(config: ml_collections.ConfigDict, split: SftSplit, tokenizer: tokenizer_lib.Tokenizer,
+                 tokenize_record, unit: str) -> Examples:
+    """The examples of `split`'s records fitted to `seq_len + 1` tokens (module docstring). `tokenize_record(record)`
+    gives `{prefix: (tokens, trained)}`, the sequences one record makes, kept, truncated or dropped together; an
+    example holds `{prefix}tokens` and `{prefix}trained` (int32) of each. Raises EmptyDatasetError when no example
+    is left."""
     if tokenizer.eos_id is None:
         raise ConfigError("the tokenizer has no EOS token; fine-tuning examples end with one")
-    template, add_bos = _template(config, tokenizer)
     window = config.data.seq_len + 1
-    result = Examples([])
+    result = Examples([], unit=unit)
     for record in split.records:
-        tokens, trained = tokenize(record, split.format, tokenizer, template, add_bos)
-        if len(tokens) > window:
+        sequences = tokenize_record(record)
+        if any(len(tokens) > window for tokens, _ in sequences.values()):
             if config.data.overlong == "drop":
                 result.dropped_overlong += 1
                 continue
-            tokens, trained = tokens[:window], trained[:window]
+            sequences = {prefix: (tokens[:window], trained[:window])
+                         for prefix, (tokens, trained) in sequences.items()}
             result.truncated += 1
-        if not trained[1:].any():  # The first token is never a target.
+        if not all(trained[1:].any() for _, trained in sequences.values()):  # The first token is never a target.
             result.dropped_untrained += 1
             continue
-        result.examples.append({"tokens": tokens, "trained": trained.astype(np.int32)})
+        result.examples.append({f"{prefix}{name}": array for prefix, (tokens, trained) in sequences.items()
+                                for name, array in (("tokens", tokens), ("trained", trained.astype(np.int32)))})
     if not result.examples:
         raise EmptyDatasetError(f"{result.report(split, config.data.seq_len)}: no example is left to train on; "
                                 f"raise config.data.seq_len or shorten the prompts")
