@@ -4,8 +4,10 @@ the fixtures several modules share: one tokenizer/dataset cache, a runner for lm
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import sentencepiece
@@ -29,9 +31,23 @@ RECORDS_CORPUS = "\n".join(["User: hi there, what is 2+2?", "Assistant: hello, i
                             "reverse: a b c\nanswer: c b a", "Q: 2+2?\nA: 4"] * 20)
 
 
+# JAX's persistent compilation cache for the lm programs the tests start, fresh for each session: the tests start
+# the same small runs again and again (restarts after kills, resumes), and a start that finds its executables here
+# skips their compilation (about 10 s of a 15 s start). A cached executable is the one compiled before, so results
+# stay bitwise the same; an entry cut short by a test's SIGKILL is reported by JAX and compiled again.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="lm_tests_jax_cache_")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+
+
 def environment(devices: int = 1) -> dict[str, str]:
-    """The environment of an lm program started by a test: `devices` simulated CPU devices."""
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    """The environment of an lm program started by a test: `devices` simulated CPU devices, the session's
+    compilation cache."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 @pytest.fixture(scope="session")
