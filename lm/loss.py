@@ -182,16 +182,44 @@ def token_log_probs(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *,
     Returns:
       `(log_prob, is_argmax)`, both `[...]`: fp32 `target_logit - logsumexp(logits)` and bool `target_logit ==
       max(logits)` (a tie for the max counts as the argmax, where `argmax` would pick the lowest tied column).
+
+    Differentiable in `hidden` and `kernel` (sequence log-probabilities of preference objectives): the backward pass
+    forms each block's logits again, as `cross_entropy`'s gradient pass does.
     """
     hidden, kernel, targets = jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(targets)
     if kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0] or targets.shape != hidden.shape[:-1]:
         raise ValueError(f"token_log_probs: expected hidden [..., d], kernel [d, V] and targets [...] of "
                          f"hidden.shape[:-1], got {hidden.shape}, {kernel.shape} and {targets.shape}")
     options = _Options(int(chunk_size), 0.0, 0.0, None if logit_softcap is None else float(logit_softcap))
-    stats, _ = _statistics_pass(hidden.reshape(-1, hidden.shape[-1]), kernel,
-                                targets.reshape(-1).astype(jnp.int32), options)
-    log_prob_x = stats.target_logit_x - (stats.max_x + jnp.log(stats.sumexp_x))
-    return log_prob_x.reshape(targets.shape), (stats.target_logit_x >= stats.max_x).reshape(targets.shape)
+    log_prob_x, is_argmax_x = _blockwise_log_probs(hidden.reshape(-1, hidden.shape[-1]), kernel,
+                                                   targets.reshape(-1).astype(jnp.int32), options)
+    return log_prob_x.reshape(targets.shape), is_argmax_x.reshape(targets.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blockwise_log_probs(hidden_xd, kernel_dv, targets_x, options):
+    stats, _ = _statistics_pass(hidden_xd, kernel_dv, targets_x, options)
+    return stats.target_logit_x - (stats.max_x + jnp.log(stats.sumexp_x)), stats.target_logit_x >= stats.max_x
+
+
+def _blockwise_log_probs_fwd(hidden_xd, kernel_dv, targets_x, options):
+    # Unlike the loss, the per-token cotangents are only known in the backward pass, so the gradient pass runs there,
+    # from the saved log-partition and the last block's logits (`[N, C]`, never `[N, V]`).
+    stats, last_logits_xc = _statistics_pass(hidden_xd, kernel_dv, targets_x, options)
+    lse_x = stats.max_x + jnp.log(stats.sumexp_x)
+    outputs = (stats.target_logit_x - lse_x, stats.target_logit_x >= stats.max_x)
+    return outputs, (hidden_xd, kernel_dv, targets_x, lse_x, last_logits_xc)
+
+
+def _blockwise_log_probs_bwd(options, residuals, cotangents):
+    hidden_xd, kernel_dv, targets_x, lse_x, last_logits_xc = residuals
+    # log p = -ce, so the gradient of sum_x g_x log p_x is the cross-entropy gradient scaled by -g_x.
+    dhidden_xd, dkernel_dv = _gradient_pass(hidden_xd, kernel_dv, targets_x, -cotangents[0].astype(_F32), lse_x,
+                                            last_logits_xc, options)
+    return dhidden_xd.astype(hidden_xd.dtype), dkernel_dv, np.zeros(targets_x.shape, dtype=jax.dtypes.float0)
+
+
+_blockwise_log_probs.defvjp(_blockwise_log_probs_fwd, _blockwise_log_probs_bwd)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -271,6 +271,32 @@ def test_token_log_probs_equal_the_full_log_softmax_and_its_argmax(logit_softcap
     np.testing.assert_array_equal(is_argmax.reshape(-1), targets == argmax)
 
 
+@pytest.mark.parametrize("logit_softcap", [None, 3.0])
+def test_token_log_probs_gradients_equal_the_full_log_softmax_and_form_no_tokens_by_vocabulary_array(logit_softcap):
+    """Gradients of a weighted sum of per-token log-probs (what a preference objective differentiates)."""
+    n, v, d = 96, 507, 16
+    hidden, kernel, targets = inputs(n, v, d, seed=3)
+    cotangent = jax.random.normal(jax.random.key(4), (n,))  # Any per-token weights, negative ones included.
+
+    def full(h, k):
+        logits = jnp.einsum("nd,dv->nv", h, k, precision=jax.lax.Precision.HIGHEST)
+        if logit_softcap is not None:
+            logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+        return jnp.sum(cotangent * jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0])
+
+    def blockwise(h, k):
+        log_prob, _ = loss_lib.token_log_probs(h, k, targets, chunk_size=100, logit_softcap=logit_softcap)
+        return jnp.sum(cotangent * log_prob)
+
+    (value, grads), (want_value, want_grads) = (jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(hidden, kernel)
+                                                for fn in (blockwise, full))
+    np.testing.assert_allclose(value, want_value, atol=1e-5 * n)  # A sum of n terms of either sign.
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    hlo = jax.jit(jax.grad(blockwise, argnums=(0, 1))).lower(hidden, kernel).compile().as_text()
+    assert f"[{n},{v}]" not in hlo and f"[{v},{n}]" not in hlo
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(kernel=jnp.zeros((8, 10))), "same d"),
     (dict(targets=jnp.zeros((5,), jnp.int32)), "targets must have shape"),
