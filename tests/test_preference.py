@@ -3,10 +3,13 @@ chat messages; the masks of both sides, bad records in one line, and the rows a 
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lm import config as lm_config
+from lm import dpo
 from lm.data import preference, sft
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import EmptyDatasetError, RecordError
@@ -113,3 +116,63 @@ def test_a_batch_holds_each_pair_in_two_rows_that_share_the_prompt(sentencepiece
         prompt = int(np.argmax(batch["weights"][chosen] > 0))  # The input that predicts the first trained token.
         assert prompt == int(np.argmax(batch["weights"][rejected] > 0)) > 0
         np.testing.assert_array_equal(batch["inputs"][chosen, :prompt + 1], batch["inputs"][rejected, :prompt + 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DPO losses (`lm.dpo`), against their formulas computed by hand.
+
+POLICY = np.array([-3.0, -5.0, -7.5, -6.0, -2.0, -2.5])  # Three pairs: (chosen, rejected) summed log-probs.
+REFERENCE = np.array([-4.0, -4.5, -7.0, -6.5, -2.0, -2.5])
+TOKENS = np.array([3.0, 5.0, 2.0, 4.0, 6.0, 1.0])
+
+
+def test_dpo_loss_is_log_2_when_the_policy_is_the_reference():
+    loss, metrics = dpo.preference_loss(jnp.asarray(POLICY), jnp.asarray(POLICY), jnp.asarray(TOKENS), beta=0.1)
+    np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-7)
+    assert metrics["rewards/margins"] == 0 and metrics["rewards/accuracies"] == 0 and metrics["pairs"] == 3
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_dpo_loss_and_metrics_equal_the_formula(label_smoothing):
+    beta = 0.1
+    loss, metrics = dpo.preference_loss(jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(TOKENS), beta=beta,
+                                        label_smoothing=label_smoothing)
+    ratio_chosen, ratio_rejected = (POLICY - REFERENCE)[0::2], (POLICY - REFERENCE)[1::2]  # [1, -0.5, 0], [-0.5, 0.5, 0]
+    margin = beta * (ratio_chosen - ratio_rejected)
+    log_sigmoid = lambda x: -np.log1p(np.exp(-x))
+    expected = np.mean(-(1 - label_smoothing) * log_sigmoid(margin) - label_smoothing * log_sigmoid(-margin))
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/chosen"], beta * ratio_chosen.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/rejected"], beta * ratio_rejected.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/margins"], margin.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/accuracies"], 1 / 3)  # Only the first pair prefers its chosen side.
+    np.testing.assert_allclose(metrics["logps/chosen"], POLICY[0::2].mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["logps/rejected"], POLICY[1::2].mean(), rtol=1e-6)
+
+
+def test_ipo_loss_uses_length_normalised_log_ratios():
+    beta = 0.5
+    loss, _ = dpo.preference_loss(jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(TOKENS), beta=beta,
+                                  loss="ipo")
+    normalised = (POLICY - REFERENCE) / TOKENS
+    np.testing.assert_allclose(loss, np.mean((normalised[0::2] - normalised[1::2] - 1 / (2 * beta)) ** 2), rtol=1e-6)
+
+
+def test_padding_pairs_count_in_no_loss_and_no_metric():
+    pad = lambda x, fill: jnp.asarray(np.concatenate([x, [fill, fill]]))
+    padded = dpo.preference_loss(pad(POLICY, 0.0), pad(REFERENCE, 0.0), pad(TOKENS, 0.0), beta=0.1)
+    plain = dpo.preference_loss(jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(TOKENS), beta=0.1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7), padded, plain)
+
+
+def test_sequence_log_probs_sum_the_trained_tokens_log_softmax():
+    hidden_btd = jax.random.normal(jax.random.key(0), (4, 6, 8))
+    kernel_dv = jax.random.normal(jax.random.key(1), (8, 50))
+    targets_bt = jax.random.randint(jax.random.key(2), (4, 6), 0, 50)
+    weights_bt = (jax.random.uniform(jax.random.key(3), (4, 6)) > 0.4).astype(jnp.float32)
+    log_prob_b, tokens_b = dpo.sequence_log_probs(hidden_btd, kernel_dv, targets_bt, weights_bt, chunk_size=16)
+    log_softmax_btv = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", hidden_btd, kernel_dv,
+                                                    precision=jax.lax.Precision.HIGHEST))
+    expected_bt = jnp.take_along_axis(log_softmax_btv, targets_bt[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(log_prob_b, jnp.sum(expected_bt * weights_bt, axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(tokens_b, weights_bt.sum(axis=1))
