@@ -41,7 +41,8 @@ CHOICES = {
     "data.format": ("text", "prompt_completion", "chat", "preference"),
     "data.overlong": ("truncate", "drop"),
     "finetune.method": ("full", "lora", "prefix", "loreft"),
-    "finetune.objective": ("lm", "sft"),
+    "finetune.objective": ("lm", "sft", "dpo"),
+    "finetune.dpo.loss": ("sigmoid", "ipo"),
     "finetune.lora.init": ("a_gaussian_b_zero", "a_zero_b_gaussian", "both_gaussian"),
     "optim.optimizer": ("adamw", "lion", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -70,6 +71,8 @@ RANGES = {
     "model.init_std": ("> 0", lambda v: v > 0),
     "loss.z_loss": (">= 0", lambda v: v >= 0),
     "finetune.lora.alpha": ("> 0", lambda v: v > 0),
+    "finetune.dpo.beta": ("> 0", lambda v: v > 0),
+    "finetune.dpo.label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
     "finetune.lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "loss.label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
     "optim.learning_rate": ("> 0", lambda v: v > 0),
@@ -215,8 +218,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune = f = ml_collections.ConfigDict()
     f.method = "full"  # full | lora | prefix | loreft
     # lm: next-token loss on the data's trained tokens (every token of text documents); sft: the same loss, on
-    # fine-tuning records only (config.data.format prompt_completion or chat: completion / assistant tokens).
+    # fine-tuning records only (config.data.format prompt_completion or chat: completion / assistant tokens);
+    # dpo: direct preference optimisation on preference pairs (config.data.format preference; lm/dpo.py).
     f.objective = "lm"
+    f.dpo = ml_collections.ConfigDict()
+    f.dpo.beta = 0.1  # Strength of the KL constraint to the reference (the model config.init_from names).
+    f.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo (length-normalised log-ratios, as TRL).
+    f.dpo.label_smoothing = 0.0  # Conservative DPO: the probability that a preference label is wrong (sigmoid).
     f.lora = ml_collections.ConfigDict()
     f.lora.rank = 8
     f.lora.alpha = 16.0  # The update is scaled by alpha / rank.
@@ -388,9 +396,12 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     if f.objective == "sft" and config.data.format == "text":
         raise ConfigError("config.finetune.objective='sft' trains on completions: set config.data.format to "
                           "prompt_completion or chat")
-    if config.data.format == "preference" and f.objective not in ("dpo", "reward"):
-        raise ConfigError(f"config.data.format='preference' holds pairs for config.finetune.objective dpo or reward, "
-                          f"not {f.objective!r}")
+    if (config.data.format == "preference") != (f.objective == "dpo"):
+        raise ConfigError(f"config.finetune.objective={f.objective!r} and config.data.format={config.data.format!r}: "
+                          f"preference pairs are what the dpo objective trains on, and all it trains on")
+    if f.objective == "dpo" and not config.init_from:
+        raise ConfigError("config.finetune.objective='dpo' compares the policy with a reference model: set "
+                          "config.init_from to it (the run starts from it too)")
     if config.data.format == "preference" and config.data.batch_size % 2:
         raise ConfigError(f"config.data.batch_size={config.data.batch_size} must be even with preference data "
                           f"(a pair's chosen and rejected rows)")

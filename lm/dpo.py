@@ -24,10 +24,39 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from lm import loss as loss_lib
+from lm import model as model_lib
+from lm import objective
+from lm import peft
 
 LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(trainable, frozen, batch: dict[str, jax.Array], model: model_lib.Transformer,
+             reference_model: model_lib.Transformer, config: ml_collections.ConfigDict,
+             rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`config.finetune.dpo`'s loss of the policy `peft.combine(frozen, trainable)` against the reference
+    `reference_model` (the model without adapters) on `frozen`: a PEFT run's base (its adapters switched off, no
+    second copy of the weights), or full-parameter DPO's copy of the starting weights (`lm.peft.trainable`).
+
+    Returns `(loss, aux)`: aux holds the metrics of the module docstring and `weight_sum`, the number of pairs the
+    loss is a mean over (gradient accumulation weights micro-batches by it).
+    """
+    settings = config.finetune.dpo
+
+    def log_probs(params, module, rng):
+        hidden_btd, kernel_dv = objective.batch_hidden_and_head(params, batch, module, rng)
+        return sequence_log_probs(hidden_btd, kernel_dv, batch["targets"], batch["weights"],
+                                  chunk_size=config.loss.chunk_size, logit_softcap=config.model.logit_softcap)
+
+    policy_b, tokens_b = log_probs(peft.combine(frozen, trainable), model, rng)
+    reference_b, _ = log_probs(frozen, reference_model, None)
+    loss, metrics = preference_loss(policy_b, jax.lax.stop_gradient(reference_b), tokens_b, beta=settings.beta,
+                                    loss=settings.loss, label_smoothing=settings.label_smoothing)
+    metrics["weight_sum"] = metrics.pop("pairs")
+    return loss, metrics
 
 
 def sequence_log_probs(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array,

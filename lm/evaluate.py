@@ -41,13 +41,32 @@ from ml_collections import config_flags
 from lm import attention
 from lm import checkpoint
 from lm import config as lm_config
+from lm import dpo
+from lm import init_from as init_from_lib
 from lm import model as model_lib
 from lm import objective
+from lm import peft
 from lm import paths
 from lm import sharding as sharding_lib
 from lm.data import pipeline, sources
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import ArgumentError, ConfigError
+
+
+def make_preference_eval_step(config: ml_collections.ConfigDict, model: model_lib.Transformer,
+                              shardings: sharding_lib.Shardings):
+    """The jitted `eval_step(params, reference, batch) -> sums` of a DPO run (`lm.dpo`): its loss and metrics times
+    the batch's pairs, and the pairs, to be added over batches (padding pairs count 0)."""
+    reference_model = model_lib.build(peft.base_config(config))
+
+    def step(params, reference, batch):
+        with shardings.activation_rules():
+            loss, aux = dpo.dpo_loss(params, reference, batch, model, reference_model, config)
+        pairs = aux.pop("weight_sum")
+        return {"loss": loss * pairs, **{name: value * pairs for name, value in aux.items()}, "pairs": pairs}
+
+    return jax.jit(step, in_shardings=(shardings.params, shardings.frozen, shardings.batch),
+                   out_shardings=shardings.replicated)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model: model_lib.Transformer, shardings: sharding_lib.Shardings):
@@ -83,14 +102,19 @@ class Evaluator:
         else:
             self.split = sources.resolve(config, config.data.eval_split)
         model = model_lib.build(config) if model is None else model
-        self._eval_step = make_eval_step(config, model, shardings)
+        self._preference = config.finetune.objective == "dpo"
+        self._eval_step = (make_preference_eval_step if self._preference else make_eval_step)(config, model, shardings)
         self._bytes_per_id = None if tokenizer is None else tokenizer.token_bytes(config.model.vocab_size)
         # Without BOS a document's first token is never a target, so its prefix is never counted.
         self._prefix_bytes = 0 if tokenizer is None or tokenizer.bos_id is None else tokenizer.prefix_bytes()
 
-    def __call__(self, params) -> dict[str, float]:
+    def __call__(self, params, reference=None) -> dict[str, float]:
         """`loss` (mean nats per token), `perplexity`, `accuracy`, `tokens`, `batches`, and with a tokenizer
-        `bytes`, `bits_per_byte` and `unigram_entropy` (nats)."""
+        `bytes`, `bits_per_byte` and `unigram_entropy` (nats). A DPO run (`lm.dpo`): `loss` (the DPO loss), its
+        metrics, `pairs` and `batches`, against `reference` (placed by `shardings.frozen`; default: the base of a
+        PEFT run's `params`)."""
+        if self._preference:
+            return self._preference_metrics(params, peft.split(params)[0] if reference is None else reference)
         config = self.config
         iterator = pipeline.make_eval_iterator(config, tokenizer=self.tokenizer, split=self.split)
         totals, batches = None, 0
@@ -127,6 +151,20 @@ class Evaluator:
         return results
 
 
+    def _preference_metrics(self, params, reference) -> dict[str, float]:
+        iterator = pipeline.make_eval_iterator(self.config, tokenizer=self.tokenizer, split=self.split)
+        totals, batches = None, 0
+        with contextlib.closing(iterator):
+            for batch in _batches_on_every_process(iterator, self.config.eval_steps):
+                sums = self._eval_step(params, reference, pipeline.to_global_arrays(batch, self.shardings.batch))
+                totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+                batches += 1
+        totals = {name: float(value) for name, value in jax.device_get(totals).items()}
+        pairs = totals.pop("pairs")
+        return {**{name: value / max(pairs, 1.0) for name, value in totals.items()}, "pairs": pairs,
+                "batches": batches}
+
+
 def _batches_on_every_process(iterator: pipeline.BatchIterator, limit: int) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches, up to `limit` (-1: all), until every process's stream has ended. Every process runs
     the same number of (collective) eval steps: one whose shard ended first feeds all-padding batches."""
@@ -153,8 +191,10 @@ def _sum_over_processes(counts: np.ndarray) -> np.ndarray:
 
 
 def evaluate(config: ml_collections.ConfigDict, params, *, tokenizer: tokenizer_lib.Tokenizer | None = None,
-             workdir: str | None = None, shardings: sharding_lib.Shardings | None = None) -> dict[str, float]:
-    """`Evaluator(config, shardings, tokenizer)(params)` in one call (what `Evaluator.__call__` returns).
+             workdir: str | None = None, shardings: sharding_lib.Shardings | None = None,
+             reference=None) -> dict[str, float]:
+    """`Evaluator(config, shardings, tokenizer)(params, reference)` in one call (what `Evaluator.__call__`
+    returns; `reference`: a DPO run's, see there).
 
     Args:
       config: the run config (model, data, eval_steps).
@@ -169,7 +209,7 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tokenizer: tokenizer_
         tokenizer = tokenizer_lib.from_workdir(workdir)
     if shardings is None:
         shardings = sharding_lib.model_shardings(config, sharding_lib.mesh_of(params, config))
-    return Evaluator(config, shardings, tokenizer)(params)
+    return Evaluator(config, shardings, tokenizer)(params, reference)
 
 
 def token_losses(config: ml_collections.ConfigDict, params, token_ids) -> np.ndarray:
@@ -193,9 +233,13 @@ def evaluate_checkpoints(workdir: str, steps: list[int | None], config: ml_colle
     tokenizer = None if config.data.source == "synthetic" else tokenizer_lib.from_workdir(workdir)
     mesh = sharding_lib.default_mesh(config)
     evaluator = Evaluator(config, sharding_lib.model_shardings(config, mesh), tokenizer)
+    shardings = evaluator.shardings
+    reference = None  # A DPO run's: a PEFT run's base (in its params), or the copy config.init_from names.
+    if config.finetune.objective == "dpo" and not peft.is_peft(config):
+        reference = init_from_lib.initial_params(config, shardings)
     for step in steps:
         restored = checkpoint.restore(workdir, step, mesh, config=config)
-        results = evaluator(restored.params)
+        results = evaluator(restored.params, reference)
         if jax.process_index() == 0:
             paths.write_atomic(paths.resolve(workdir, f"eval_{restored.step}.json"), json.dumps(
                 {"step": restored.step, "split": config.data.eval_split, "eval_steps": config.eval_steps, **results},
@@ -204,6 +248,9 @@ def evaluate_checkpoints(workdir: str, steps: list[int | None], config: ml_colle
 
 
 def format_results(step: int, results: dict[str, float]) -> str:
+    if "pairs" in results:
+        return (f"step {step}: DPO loss {results['loss']:.4f}, reward accuracy {results['rewards/accuracies']:.4f}, "
+                f"reward margin {results['rewards/margins']:.4f}, pairs {results['pairs']:,.0f}")
     line = (f"step {step}: loss {results['loss']:.4f}, perplexity {results['perplexity']:.3f}, "
             f"accuracy {results['accuracy']:.4f}, tokens {results['tokens']:,.0f}")
     if "bits_per_byte" in results:

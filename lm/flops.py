@@ -23,6 +23,9 @@ forward and passes gradients back to every layer's input, but computes no weight
 `4 * N_matmul` per token, not 6; the adapters' own matmuls cost 6 per weight (`adapter_matmul_count`: LoRA's A and
 B; the prefixes a token attends to, `2 * p * n * h` per layer, as a projection of that size; LoReFT's three
 `[rank, d]` products). The attention term is unchanged.
+
+DPO (`config.finetune.objective = "dpo"`, `lm.dpo`) also runs the reference model forward on every token: `2 *
+N_matmul` more, and its forward attention term (a third of the training one).
 """
 
 from __future__ import annotations
@@ -102,10 +105,14 @@ def attention_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, c
 
 def train_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
     """Training (forward + backward) FLOPs per token: `6 * N_matmul + attention term`, or with adapters
-    `4 * N_matmul + 6 * adapter_matmul_count + attention term` (module docstring). Remat recompute excluded."""
+    `4 * N_matmul + 6 * adapter_matmul_count + attention term`, plus DPO's reference forward (module docstring).
+    Remat recompute excluded."""
     adapters = adapter_matmul_count(config)
     base = (4 if adapters else 6) * matmul_param_count(config)
-    return base + 6 * adapters + attention_flops_per_token(config, seq_len, causal)
+    attention = attention_flops_per_token(config, seq_len, causal)
+    dpo = "finetune" in config and config.finetune.objective == "dpo"
+    reference = 2 * matmul_param_count(config) + attention / 3 if dpo else 0
+    return base + 6 * adapters + attention + reference
 
 
 # Peak dense bf16 FLOP/s of one device (one chip / one GPU), from the vendors' datasheets (without sparsity):

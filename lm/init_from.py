@@ -14,7 +14,8 @@ resumes from them; `init_from` then only has to name the same model.
 A PEFT run (`config.finetune.method` lora, prefix or loreft; `lm.peft`) keeps its source as a frozen base that
 its checkpoints point to: the source must be an lm workdir (import a Hugging Face model first) whose run has no
 adapters itself, and `init_from` is pinned to `ABSOLUTE_DIR:STEP`, so the adapters are always read back onto the
-weights they were trained on (`lm.checkpoint.restore`).
+weights they were trained on (`lm.checkpoint.restore`). A DPO run's source is also its reference model, read on
+every start, so it is pinned the same way.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.Confi
         resolved.data.tokenizer.path = directory
     if kind == "hf":
         architectures.check_sliding_window(hf_config, resolved, os.path.join(directory, "config.json"))
-    if adapted:
+    if adapted or (config.finetune.objective == "dpo" and kind == "lm"):  # The base or reference, read every start.
         step = checkpoint.kept_steps(directory)[-1] if step is None else step
         resolved.init_from = f"{os.path.abspath(directory)}:{step}"
     return lm_config.validate(resolved)

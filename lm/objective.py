@@ -29,10 +29,7 @@ def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, c
     (adapters with dropout, `lm.peft`), None otherwise.
     """
 
-    # A LoReFT run that edits chosen prompt positions reads where each example's prompt ends from the weights.
-    prompt_lengths_bt = peft.prompt_lengths(batch.get("segment_ids"), batch.get("weights"), batch["inputs"].shape)
-    hidden_btd, kernel_dv = _hidden_and_head(params, batch["inputs"], model, batch.get("positions"),
-                                             batch.get("segment_ids"), prompt_lengths_bt, rng)
+    hidden_btd, kernel_dv = batch_hidden_and_head(params, batch, model, rng)
     return loss_lib.cross_entropy(
         hidden_btd, kernel_dv, batch["targets"], batch.get("weights"), chunk_size=config.loss.chunk_size,
         z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing,
@@ -63,6 +60,15 @@ def target_log_probs(params, inputs_bt: jax.Array, targets_bt: jax.Array, model:
     hidden_bd = jnp.take_along_axis(hidden_btd, position_b[:, None, None], axis=1)[:, 0]
     hidden_bkd = jnp.broadcast_to(hidden_bd[:, None], (*candidates_bk.shape, hidden_bd.shape[-1]))
     return (log_prob_bt, is_argmax_bt), scores(hidden_bkd, targets=candidates_bk)
+
+
+def batch_hidden_and_head(params, batch: dict[str, jax.Array], model: model_lib.Transformer,
+                          rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The final hidden states `[batch, length, d]` of a batch and the LM head `[d, vocab]` (compute dtype)."""
+    # A LoReFT run that edits chosen prompt positions reads where each example's prompt ends from the weights.
+    prompt_lengths_bt = peft.prompt_lengths(batch.get("segment_ids"), batch.get("weights"), batch["inputs"].shape)
+    return _hidden_and_head(params, batch["inputs"], model, batch.get("positions"), batch.get("segment_ids"),
+                            prompt_lengths_bt, rng)
 
 
 def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None, prompt_lengths_bt=None,

@@ -198,8 +198,13 @@ def combine(base, adapters) -> dict:
 
 
 def trainable(params, config) -> tuple[dict, dict]:
-    """`(frozen, trainable)` of a run's parameter tree: `({}, params)` for full fine-tuning, else `split`."""
-    return split(params) if is_peft(config) else ({}, params)
+    """`(frozen, trainable)` of a run's parameter tree (or of a tree of its shape): what the train step reads but
+    does not train, and what it trains. A PEFT run: `split` (the base is also DPO's reference). Full training:
+    `({}, params)`, or `(params, params)` for full-parameter DPO, whose frozen tree is its reference model, a copy of
+    the starting weights (`lm.dpo`)."""
+    if is_peft(config):
+        return split(params)
+    return (params if config.finetune.objective == "dpo" else {}), params
 
 
 def merge_lora(params, config) -> dict:

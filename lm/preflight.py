@@ -246,8 +246,11 @@ def estimate(config: ml_collections.ConfigDict, sizes: dict[str, int], device: s
         staged = config.copy_and_resolve_references()
         staged.sharding.zero_stage = stage
         shardings = sharding_lib.Shardings(staged, mesh, boxed_params, optimizer)
+        # Full-parameter DPO's reference is a second copy of the parameters (`lm.peft.trainable`).
+        reference = 0 if peft.is_peft(staged) else sharding_lib.bytes_per_device(shardings.abstract_frozen,
+                                                                                   shardings.frozen)
         stages[stage] = StateMemory(
-            params=sharding_lib.bytes_per_device(abstract_params, shardings.params),
+            params=sharding_lib.bytes_per_device(abstract_params, shardings.params) + reference,
             grads=sharding_lib.bytes_per_device(abstract_trainable, shardings.grads),
             opt_state=sharding_lib.bytes_per_device(abstract_state, shardings.opt_state))
     attention = attention_lib.resolve_implementation(

@@ -213,7 +213,7 @@ class Shardings:
     `abstract_params` are the parameters' `ShapeDtypeStruct`s (unboxed). `params` covers the whole tree; a run
     with adapters (`lm.peft`) trains only `trainable` (its adapters; `frozen` is the base), so gradients and
     optimizer state cover those alone (`abstract_trainable` / `abstract_frozen`: their shapes). Full fine-tuning:
-    `trainable` is `params`, `frozen` is `{}`.
+    `trainable` is `params`, `frozen` is `{}` (full-parameter DPO: `params` too, for its reference copy).
     `mesh` may be a `jax.sharding.AbstractMesh` (sizes and names, no devices): `lm.preflight` sizes a run on a
     target mesh that way, with the same placement the run will use.
     """

@@ -152,15 +152,17 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
         _describe(training, abstract_state, print_sharding)
         checkpoints = resources.enter_context(contextlib.closing(checkpoint.manager(workdir, config.keep_checkpoints)))
         restored = checkpoint.restore_latest_state(checkpoints, abstract_state, data)
-        frozen = {}  # A PEFT run's base (`lm.peft`), read again on every start: its checkpoints hold adapters only.
-        if peft.is_peft(config):
+        # What the step reads but does not train, read again on every start (checkpoints hold the trainable tree):
+        # a PEFT run's base (`lm.peft`), full-parameter DPO's reference (`lm.dpo`), else nothing.
+        frozen = {}
+        if peft.is_peft(config) or config.finetune.objective == "dpo":
             frozen = init_from_lib.initial_params(config, training.shardings)
-        if restored is None and config.init_from and not frozen:
+        if restored is None and config.init_from and not peft.is_peft(config):
             state = training.state_from(init_from_lib.initial_params(config, training.shardings))
             _log(f"initialized from {config.init_from}")
         elif restored is None:
             state = training.init_state()  # Random weights, or a PEFT run's new adapters over its frozen base.
-            if frozen:
+            if peft.is_peft(config):
                 _log(f"new {config.finetune.method} adapters over {config.init_from}")
         else:
             step, state = restored
@@ -261,11 +263,13 @@ class _Run:
                 interval_start, interval_steps = time.perf_counter(), 0
             if step % config.eval_every == 0 or step == config.total_steps:
                 params = peft.combine(self.frozen, self.state.params)
-                eval_metrics = {f"eval_{name}": value for name, value in self.evaluator(params).items()}
+                results = self.evaluator(params, reference=self.frozen)
+                eval_metrics = {f"eval_{name}": value for name, value in results.items()}
                 self.writer.write(step, eval_metrics)
                 last.update(eval_metrics)
-                self.progress.write(f"step {step}: eval loss {eval_metrics['eval_loss']:.4f}, "
-                                    f"perplexity {eval_metrics['eval_perplexity']:.2f}")
+                self.progress.write(evaluate_lib.format_results(step, results) if "pairs" in results else
+                                    f"step {step}: eval loss {results['loss']:.4f}, "
+                                    f"perplexity {results['perplexity']:.2f}")
                 interval_start, interval_steps = time.perf_counter(), 0  # Evaluation time is not training time.
             stop_signal = self.preemption.reached(step)
             if stop_signal or step % config.checkpoint_every == 0 or step == config.total_steps:

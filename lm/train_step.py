@@ -1,6 +1,7 @@
 """The train state and the sharded, jitted train step.
 
-    batch ─▶ [micro-batches, lax.scan] ─▶ lm.objective.lm_loss (model.apply, then the blockwise cross-entropy)
+    batch ─▶ [micro-batches, lax.scan] ─▶ the objective (`config.finetune.objective`: lm.objective.lm_loss, model.apply
+          then the blockwise cross-entropy; or lm.dpo.dpo_loss on preference pairs)
           ─▶ grads (constrained to the ZeRO-stage sharding) ─▶ optax update (dropped if not finite) ─▶ new state
 
 `make_train_step` returns `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)` whose shardings come from
@@ -9,8 +10,9 @@
 
 What trains is `config.finetune.method`'s choice (`lm.peft`): every parameter (`full`), or only the adapters of a
 `lora` / `prefix` / `loreft` run. The state holds the trainable parameters and their optimizer state; the frozen
-base is the step's third argument (`step(state, batch, frozen)`: `{}` for full training), never donated, copied
-or given optimizer state, and gradients are taken with respect to the trainable tree alone.
+base is the step's third argument (`step(state, batch, frozen)`: `{}` for full training, the reference copy for
+full-parameter DPO), never donated, copied or given optimizer state, and gradients are taken with respect to the
+trainable tree alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import config as lm_config
+from lm import dpo
 from lm import model as model_lib
 from lm import objective
 from lm import optim
@@ -104,28 +107,45 @@ def init_train_state(config, model, optimizer, shardings: sharding_lib.Shardings
     return jax.jit(init, out_shardings=state_shardings(shardings))(rng)
 
 
-def _split_microbatches(batch, microbatches: int, batch_sharding: NamedSharding):
-    """`[b, t]` -> `[m, b/m, t]` with row `i*m + j` in micro-batch j, so each device's rows stay on that device."""
+def _split_microbatches(batch, microbatches: int, batch_sharding: NamedSharding, group: int = 1):
+    """`[b, t]` -> `[m, b/m, t]` with the `group` rows of group `i*m + j` in micro-batch j, so each device's rows
+    stay on that device and a group (a preference pair: `group` 2) stays whole."""
 
     def split(x_bt):
-        x_bmt = x_bt.reshape(x_bt.shape[0] // microbatches, microbatches, *x_bt.shape[1:])
-        x_mbt = jnp.swapaxes(x_bmt, 0, 1)
+        x_bmgt = x_bt.reshape(x_bt.shape[0] // (microbatches * group), microbatches, group, *x_bt.shape[1:])
+        x_mbt = jnp.swapaxes(x_bmgt, 0, 1).reshape(microbatches, x_bt.shape[0] // microbatches, *x_bt.shape[1:])
         spec = P(None, *batch_sharding.spec)
         return jax.lax.with_sharding_constraint(x_mbt, NamedSharding(batch_sharding.mesh, spec))
 
     return jax.tree.map(split, batch)
 
 
+def objective_loss(config: ml_collections.ConfigDict, model: model_lib.Transformer):
+    """`loss(trainable, frozen, batch, rng) -> (loss, aux)` of `config.finetune.objective`; `aux["weight_sum"]` is
+    what the loss is a mean over (trained tokens; DPO: pairs), the other entries are the step's metrics."""
+    if config.finetune.objective == "dpo":
+        reference_model = model_lib.build(peft.base_config(config))
+        return lambda p, frozen, batch, rng: dpo.dpo_loss(p, frozen, batch, model, reference_model, config, rng)
+
+    def lm_loss(p, frozen, batch, rng):
+        loss, aux = objective.lm_loss(peft.combine(frozen, p), batch, model, config, rng=rng)
+        return loss, {name: aux[name] for name in ("nll", "z_loss", "accuracy", "weight_sum")}
+
+    return lm_loss
+
+
 def _loss_and_grads(params, frozen, batch, model, config, shardings: sharding_lib.Shardings, rng):
     """Loss, aux and gradients (with respect to the trainable `params`, beside the `frozen` ones) of the global
     batch; with `config.optim.microbatches` > 1 accumulated in fp32 over sequential micro-batches, each weighted by
-    its token count, so the result equals one pass over the whole batch. `rng`: dropout's, or None.
+    its `aux["weight_sum"]` (tokens; DPO: pairs), so the result equals one pass over the whole batch. `rng`:
+    dropout's, or None.
     """
     microbatches = config.optim.microbatches
     constrain = lambda tree: jax.lax.with_sharding_constraint(tree, shardings.grads)
+    objective_fn = objective_loss(config, model)
 
     def loss(p, micro_batch, micro_rng):
-        return objective.lm_loss(peft.combine(frozen, p), micro_batch, model, config, rng=micro_rng)
+        return objective_fn(p, frozen, micro_batch, micro_rng)
 
     if microbatches == 1:
         (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, batch, rng)
@@ -145,7 +165,8 @@ def _loss_and_grads(params, frozen, batch, model, config, shardings: sharding_li
         aux_acc = {k: aux_acc[k] + (v if k == "weight_sum" else v * aux["weight_sum"]) for k, v in aux.items()}
         return (grads_acc, loss_acc + loss_sum, aux_acc), None
 
-    micro = _split_microbatches(batch, microbatches, shardings.batch)
+    micro = _split_microbatches(batch, microbatches, shardings.batch,
+                                group=2 if config.finetune.objective == "dpo" else 1)
     aux_shapes = jax.eval_shape(lambda: loss(params, jax.tree.map(lambda x: x[0], micro), None)[1])
     init = (constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)),
             jnp.zeros((), jnp.float32),
@@ -167,10 +188,11 @@ def make_train_step(
     """The jitted `step(state, batch, frozen) -> (state, metrics)`; `state` is donated, `frozen` (the base of a
     PEFT run, `{}` otherwise) is read only.
 
-    Metrics (fp32 scalars): `loss` (the training objective, z-loss included), `nll`, `z_loss`, `accuracy`,
-    `grad_norm` (before clipping), `learning_rate` (of this step), `tokens` (weight sum), and the non-finite guard's
-    `skipped` (1 when a gradient was not finite and the update was dropped: parameters and optimizer state
-    unchanged), `consecutive_skips` and `skipped_total` (`lm.optim.skip_counts`).
+    Metrics (fp32 scalars): `loss` (the training objective, z-loss included), the objective's own (`nll`, `z_loss`,
+    `accuracy` and `tokens`, the weight sum; DPO: `lm.dpo`'s `rewards/*` and `logps/*`, and `pairs`), `grad_norm`
+    (before clipping), `learning_rate` (of this step), and the non-finite guard's `skipped` (1 when a gradient was
+    not finite and the update was dropped: parameters and optimizer state unchanged), `consecutive_skips` and
+    `skipped_total` (`lm.optim.skip_counts`).
     """
     schedule = optim.learning_rate_schedule(config)
     uses_dropout = config.finetune.method == "lora" and config.finetune.lora.dropout > 0
@@ -182,14 +204,13 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                opt_state=opt_state)
+        counted = "pairs" if config.finetune.objective == "dpo" else "tokens"
         metrics = {
             "loss": loss,
-            "nll": aux["nll"],
-            "z_loss": aux["z_loss"],
-            "accuracy": aux["accuracy"],
+            **{name: value for name, value in aux.items() if name != "weight_sum"},
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
-            "tokens": aux["weight_sum"],
+            counted: aux["weight_sum"],
             **optim.skip_counts(opt_state),
         }
         return new_state, metrics

@@ -2,14 +2,21 @@
 chat messages; the masks of both sides, bad records in one line, and the rows a batch lays them out in."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm import checkpoint
 from lm import config as lm_config
 from lm import dpo
+from lm import evaluate as evaluate_lib
+from lm import flops
+from lm import init_from as init_from_lib
+from lm import preflight
+from lm import train as train_lib
 from lm.data import preference, sft
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import EmptyDatasetError, RecordError
@@ -176,3 +183,91 @@ def test_sequence_log_probs_sum_the_trained_tokens_log_softmax():
     expected_bt = jnp.take_along_axis(log_softmax_btv, targets_bt[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(log_prob_b, jnp.sum(expected_bt * weights_bt, axis=1), rtol=1e-5)
     np.testing.assert_array_equal(tokens_b, weights_bt.sum(axis=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DPO runs: the trainer, checkpoints, resume and evaluation with the dpo objective.
+
+
+def _pairs(count: int) -> list[dict]:
+    """Sums answered right (chosen) and off by one (rejected)."""
+    return [{"prompt": f"Q: {a}+{b}?\nA:", "chosen": f" {a + b}", "rejected": f" {a + b + 1}"}
+            for a, b in zip(range(count), reversed(range(count)))]
+
+
+def _tiny(**overrides):
+    """A 2-layer model on synthetic tokens (the base), or with overrides a DPO run over it."""
+    config = lm_config.base_config()
+    config.model.update(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                        max_seq_len=64, dtype="float32", remat_policy="none")
+    config.data.update(source="synthetic", seq_len=32, batch_size=8)
+    config.loss.chunk_size = 128
+    config.optim.update(warmup_steps=0, learning_rate=1e-2)
+    config.update(total_steps=2, log_every=1, eval_every=100, eval_steps=1, checkpoint_every=2)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        section = config
+        for key in parents:
+            section = section[key]
+        section[leaf] = value
+    return lm_config.validate(config)
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tmp_path_factory, sentencepiece_tokenizer):
+    root = tmp_path_factory.mktemp("dpo")
+    train_lib.train(_tiny(), str(root / "base"))
+    files = _records_file(root / "pairs.jsonl", _pairs(40))
+    return str(root / "base"), files, sentencepiece_tokenizer
+
+
+def _dpo_config(setup, method, **overrides):
+    base, files, tokenizer = setup
+    return _tiny(**{"init_from": base, "finetune.method": method, "finetune.objective": "dpo",
+                    "data.source": "files", "data.files": files, "data.format": "preference",
+                    "data.tokenizer.path": tokenizer, "data.eval_split": "train", "total_steps": 4,
+                    "eval_every": 4, "eval_steps": 2, **overrides})
+
+
+def _metric_lines(workdir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_dpo_run_starts_at_log_2_resumes_exactly_and_evaluates_against_its_reference(dpo_setup, tmp_path, method):
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_lib.train(_dpo_config(dpo_setup, method), straight)
+    train_lib._faults.fail_at_step = 3  # A crash as step 3 starts; step 2's checkpoint is on disk.
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            train_lib.train(_dpo_config(dpo_setup, method), interrupted)
+    finally:
+        train_lib._faults.fail_at_step = None
+    train_lib.train(_dpo_config(dpo_setup, method), interrupted)
+    lines = _metric_lines(straight)
+    steps = [line for line in lines if "loss" in line]
+    # Step 1: the policy is its reference (LoRA's B = 0; full DPO's copy), so every pair's loss is log 2.
+    assert steps[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-6) and steps[0]["rewards/margins"] == 0
+    assert steps[0]["pairs"] == 4 and steps[-1]["rewards/margins"] != 0
+    assert [s["loss"] for s in steps] == [s["loss"] for s in _metric_lines(interrupted) if "loss" in s]
+    last_eval = [line for line in lines if "eval_loss" in line][-1]
+    assert {"eval_rewards/accuracies", "eval_logps/chosen", "eval_pairs"} <= set(last_eval)
+    restored = checkpoint.restore(straight)
+    reference = None if method == "lora" else checkpoint.restore(dpo_setup[0]).params
+    results = evaluate_lib.evaluate(restored.config, restored.params, workdir=straight, reference=reference)
+    assert results["loss"] == pytest.approx(last_eval["eval_loss"], rel=1e-6)
+    assert results["rewards/accuracies"] == pytest.approx(last_eval["eval_rewards/accuracies"])
+
+
+def test_dpo_flops_count_the_reference_forward_and_preflight_the_reference_copy(dpo_setup):
+    lora, full = (init_from_lib.with_source_model(_dpo_config(dpo_setup, method)) for method in ("lora", "full"))
+    for config in (lora, full):
+        plain = config.copy_and_resolve_references()
+        plain.finetune.objective, plain.data.format = "sft", "prompt_completion"
+        extra = flops.train_flops_per_token(config, 32) - flops.train_flops_per_token(plain, 32)
+        assert extra == 2 * flops.matmul_param_count(config) + flops.attention_flops_per_token(config, 32) / 3
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    full_sft = full.copy_and_resolve_references()
+    full_sft.finetune.objective, full_sft.data.format = "sft", "prompt_completion"
+    copy = preflight.estimate(full, sizes).stages[1].params
+    assert copy == 2 * preflight.estimate(full_sft, sizes).stages[1].params

@@ -61,7 +61,7 @@ def to_rows(pair: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str,
 
 def stack(pairs: list[dict[str, np.ndarray]], rows: int, padding: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A batch of `rows` rows from `to_rows` pairs, filled up with `padding` rows (weights 0)."""
-    batch = {name: np.concatenate([pair[name] for pair in pairs]) for name in packing.FEATURES} if pairs else None
-    missing = rows - (0 if batch is None else len(batch["inputs"]))
-    fill = {name: np.stack([padding[name]] * missing) for name in packing.FEATURES}
-    return fill if batch is None else {name: np.concatenate([batch[name], fill[name]]) for name in packing.FEATURES}
+    parts = list(pairs)
+    if rows > 2 * len(pairs):
+        parts.append({name: np.stack([padding[name]] * (rows - 2 * len(pairs))) for name in packing.FEATURES})
+    return {name: np.concatenate([part[name] for part in parts]) for name in packing.FEATURES}
