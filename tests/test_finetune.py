@@ -49,12 +49,7 @@ def tiny_config(method: str = "full", **overrides):
     c.finetune.method = method
     if method != "full":
         c.init_from = "base"
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        section = c
-        for key in parents:
-            section = section[key]
-        section[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return lm_config.validate(c)
 
 

@@ -204,12 +204,7 @@ def _tiny(**overrides):
     config.loss.chunk_size = 128
     config.optim.update(warmup_steps=0, learning_rate=1e-2)
     config.update(total_steps=2, log_every=1, eval_every=100, eval_steps=1, checkpoint_every=2)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        section = config
-        for key in parents:
-            section = section[key]
-        section[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return lm_config.validate(config)
 
 
