@@ -56,13 +56,14 @@ def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Checkpo
 def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, config) -> None:
     """Starts an asynchronous save of step `step` (returns before the arrays are written); every process calls it.
 
-    `data_iterator` (a `BatchIterator`) has its state read now, by each process for its own shard."""
+    `data_iterator` (a `BatchIterator`) has its state read now, by each process for its own shard; None for a run
+    whose inputs are a function of the step (PPO's rollouts, `lm.rl`): no `data` item."""
     import grain  # Here, not at the top: programs that only read weights (and the GPU check) run without grain.
 
-    checkpoints.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(lm_config.to_dict(config))), force=True)
+    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(lm_config.to_dict(config)))
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    checkpoints.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def save_weights(workdir: str, step: int, params, config) -> None:
@@ -81,8 +82,8 @@ def save_weights(workdir: str, step: int, params, config) -> None:
 def restore_latest_state(checkpoints: ocp.CheckpointManager, abstract_state, data_iterator):
     """The newest checkpoint that can be read, restored for resuming: `(step, state)`, or None without checkpoints.
 
-    `state` is restored into the shardings of `abstract_state` (ShapeDtypeStructs) and `data_iterator` is set to the
-    saved position of this process's data. A newer checkpoint that cannot be read (a file missing or truncated) is
+    `state` is restored into the shardings of `abstract_state` (ShapeDtypeStructs) and `data_iterator` (None: a run
+    without one, `save`) is set to the saved position of this process's data. A newer checkpoint that cannot be read (a file missing or truncated) is
     reported and moved aside to `workdir/checkpoints_damaged/` once an older one has been restored, so the run can
     save that step again; nothing is deleted. Raises CheckpointError (or the data's IteratorStateError) when the
     config does not fit the checkpoints.
@@ -94,10 +95,11 @@ def restore_latest_state(checkpoints: ocp.CheckpointManager, abstract_state, dat
         return None
 
     def restore_one(step):
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            return checkpoints.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator))).state
+            return checkpoints.restore(step, args=ocp.args.Composite(**items)).state
         except ValueError as error:
             if "process_" not in str(error) or isinstance(error, LmError):
                 raise

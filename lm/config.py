@@ -41,9 +41,11 @@ CHOICES = {
     "data.format": ("text", "prompt_completion", "chat", "preference"),
     "data.overlong": ("truncate", "drop"),
     "finetune.method": ("full", "lora", "prefix", "loreft"),
-    "finetune.objective": ("lm", "sft", "dpo"),
+    "finetune.objective": ("lm", "sft", "dpo", "reward", "ppo"),
     "finetune.dpo.loss": ("sigmoid", "ipo"),
+    "finetune.dpo.reference": ("model", "precomputed"),
     "finetune.lora.init": ("a_gaussian_b_zero", "a_zero_b_gaussian", "both_gaussian"),
+    "rl.kl_estimator": ("k1", "k3"),
     "optim.optimizer": ("adamw", "lion", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
@@ -57,7 +59,7 @@ POSITIVE = (
     "model.mlp_dim", "model.max_seq_len", "loss.chunk_size", "data.seq_len", "data.batch_size", "data.shuffle_buffer",
     "optim.microbatches", "finetune.lora.rank", "finetune.prefix.length", "finetune.prefix.hidden",
     "finetune.loreft.rank", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "max_consecutive_skips",
+    "max_consecutive_skips", "rl.max_new_tokens", "rl.epochs", "rl.minibatches",
 )
 # Integer fields that must be >= 0.
 NON_NEGATIVE = ("model.attention_max_segments", "optim.warmup_steps", "seed")
@@ -73,6 +75,7 @@ RANGES = {
     "finetune.lora.alpha": ("> 0", lambda v: v > 0),
     "finetune.dpo.beta": ("> 0", lambda v: v > 0),
     "finetune.dpo.label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    "finetune.dpo.sft_weight": (">= 0", lambda v: v >= 0),
     "finetune.lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "loss.label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
     "optim.learning_rate": ("> 0", lambda v: v > 0),
@@ -82,6 +85,15 @@ RANGES = {
     "optim.eps": ("> 0", lambda v: v > 0),
     "optim.weight_decay": (">= 0", lambda v: v >= 0),
     "optim.grad_clip_norm": (">= 0 (0 disables clipping)", lambda v: v >= 0),
+    "rl.temperature": ("> 0", lambda v: v > 0),
+    "rl.clip_range": ("> 0", lambda v: v > 0),
+    "rl.clip_range_value": ("> 0", lambda v: v > 0),
+    "rl.vf_coef": (">= 0", lambda v: v >= 0),
+    "rl.gamma": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "rl.lam": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "rl.kl_coef": (">= 0", lambda v: v >= 0),
+    "rl.kl_target": (">= 0 (0: a fixed coefficient)", lambda v: v >= 0),
+    "rl.kl_horizon": ("> 0", lambda v: v > 0),
 }
 
 
@@ -219,12 +231,23 @@ def base_config() -> ml_collections.ConfigDict:
     f.method = "full"  # full | lora | prefix | loreft
     # lm: next-token loss on the data's trained tokens (every token of text documents); sft: the same loss, on
     # fine-tuning records only (config.data.format prompt_completion or chat: completion / assistant tokens);
-    # dpo: direct preference optimisation on preference pairs (config.data.format preference; lm/dpo.py).
+    # dpo: direct preference optimisation on preference pairs (config.data.format preference; lm/dpo.py);
+    # reward: a reward model (a scalar head, Bradley-Terry loss) on preference pairs (lm/reward.py);
+    # ppo: reinforcement learning from a reward, run by python -m lm.rl (config.rl; lm/rl.py).
     f.objective = "lm"
     f.dpo = ml_collections.ConfigDict()
     f.dpo.beta = 0.1  # Strength of the KL constraint to the reference (the model config.init_from names).
     f.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo (length-normalised log-ratios, as TRL).
     f.dpo.label_smoothing = 0.0  # Conservative DPO: the probability that a preference label is wrong (sigmoid).
+    # Weight of the chosen completions' token NLL added to the loss (TRL's loss_type ["sigmoid", "sft"] with
+    # loss_weights [1, w]; RPO, Pang et al. 2024): keeps the chosen likelihood from falling with the rejected one.
+    f.dpo.sft_weight = 0.0
+    # model: run the reference (config.init_from) forward on every batch; precomputed: read its log-probabilities
+    # from the records (ref_chosen_logps, ref_rejected_logps, TRL's columns; python -m lm.reference_log_probs
+    # writes them), so full DPO holds no reference copy and runs no reference forward.
+    f.dpo.reference = "model"
+    f.reward = ml_collections.ConfigDict()
+    f.reward.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef * mean((r_c + r_r)^2) keeps scores near 0.
     f.lora = ml_collections.ConfigDict()
     f.lora.rank = 8
     f.lora.alpha = 16.0  # The update is scaled by alpha / rank.
@@ -242,6 +265,27 @@ def base_config() -> ml_collections.ConfigDict:
     f.loreft.layers = ()  # Layer indices whose output is edited; () means every layer.
     # Positions edited: "all", or pyreft's "f<N>", "l<N>", "f<N>+l<N>": the first / last N tokens of each prompt.
     f.loreft.positions = "all"
+
+    # PPO (config.finetune.objective = "ppo", run by python -m lm.rl; lm/rl.py, lm/ppo.py). A step is one rollout
+    # batch: config.data.batch_size prompts, each completed once, then `epochs` passes over it in `minibatches`.
+    # Defaults are TRL's PPOConfig's.
+    c.rl = r = ml_collections.ConfigDict()
+    r.prompts = ""  # JSON lines {"prompt": str or chat messages}: what rollouts complete.
+    r.reward_fn = ""  # module:function(prompts: list[str], completions: list[str]) -> list[float] (verifiable tasks),
+    r.reward_model = ""  # or an lm workdir of a reward model (finetune.objective reward): exactly one of the two.
+    r.max_new_tokens = 16
+    r.temperature = 1.0  # Sampling temperature; the log-probabilities PPO compares are at this temperature.
+    r.epochs = 4  # Passes over each rollout batch.
+    r.minibatches = 1  # Optimizer steps per pass.
+    r.clip_range = 0.2  # Policy ratio clip, eps.
+    r.clip_range_value = 0.2  # Value prediction clip around the rollout's values.
+    r.vf_coef = 0.1  # Weight of the value loss.
+    r.gamma = 1.0  # Discount.
+    r.lam = 0.95  # GAE lambda.
+    r.kl_coef = 0.05  # Per-token KL penalty to the reference (the initial value when adaptive).
+    r.kl_estimator = "k1"  # k1 (log p - log p_ref) | k3 (r - 1 - log r), TRL's.
+    r.kl_target = 0.0  # > 0: adapt kl_coef toward this KL per response (Ziegler et al. 2019); 0: fixed kl_coef.
+    r.kl_horizon = 10000  # The adaptive controller's time scale, in responses.
 
     # Where a new run's weights come from: "" (random init), an lm workdir DIR or DIR:STEP, or a Hugging Face model
     # directory or hub id; the model fields then come from it too (lm/init_from.py).
@@ -367,6 +411,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def _validate_rl(config: ml_collections.ConfigDict) -> None:
+    r = config.rl
+    if not r.prompts:
+        raise ConfigError("config.finetune.objective='ppo' completes prompts: set config.rl.prompts to a JSON lines "
+                          "file of {\"prompt\": ...} records")
+    if bool(r.reward_fn) == bool(r.reward_model):
+        raise ConfigError(f"config.rl.reward_fn={r.reward_fn!r} and config.rl.reward_model={r.reward_model!r}: set "
+                          f"exactly one (a module:function, or a reward model's lm workdir)")
+    if r.reward_fn and r.reward_fn.count(":") != 1:
+        raise ConfigError(f"config.rl.reward_fn={r.reward_fn!r} must be module:function")
+    if r.temperature != 1.0 and config.model.logit_softcap is not None:
+        raise ConfigError(f"config.rl.temperature={r.temperature} with config.model.logit_softcap: the tempered "
+                          f"log-probabilities of a soft-capped model are not computed; use temperature 1")
+    if config.data.batch_size % r.minibatches:
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size} must split into config.rl.minibatches="
+                          f"{r.minibatches} minibatches")
+
+
+# Objectives trained on preference pairs (`config.data.format = "preference"`).
+PREFERENCE_OBJECTIVES = ("dpo", "reward")
+
+
 def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     f = config.finetune
     unknown = [t for t in f.lora.targets if t not in LORA_TARGETS]
@@ -396,12 +462,14 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     if f.objective == "sft" and config.data.format == "text":
         raise ConfigError("config.finetune.objective='sft' trains on completions: set config.data.format to "
                           "prompt_completion or chat")
-    if (config.data.format == "preference") != (f.objective == "dpo"):
+    if (config.data.format == "preference") != (f.objective in PREFERENCE_OBJECTIVES):
         raise ConfigError(f"config.finetune.objective={f.objective!r} and config.data.format={config.data.format!r}: "
-                          f"preference pairs are what the dpo objective trains on, and all it trains on")
-    if f.objective == "dpo" and not config.init_from:
-        raise ConfigError("config.finetune.objective='dpo' compares the policy with a reference model: set "
-                          "config.init_from to it (the run starts from it too)")
+                          f"preference pairs are what the dpo and reward objectives train on, and all they train on")
+    if f.objective in ("dpo", "ppo") and not config.init_from:
+        raise ConfigError(f"config.finetune.objective={f.objective!r} compares the policy with a reference model: set "
+                          f"config.init_from to it (the run starts from it too)")
+    if f.objective == "ppo":
+        _validate_rl(config)
     if config.data.format == "preference" and config.data.batch_size % 2:
         raise ConfigError(f"config.data.batch_size={config.data.batch_size} must be even with preference data "
                           f"(a pair's chosen and rejected rows)")

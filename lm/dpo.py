@@ -30,6 +30,7 @@ from lm import loss as loss_lib
 from lm import model as model_lib
 from lm import objective
 from lm import peft
+from lm.data import REFERENCE_FEATURE
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -39,7 +40,8 @@ def dpo_loss(trainable, frozen, batch: dict[str, jax.Array], model: model_lib.Tr
              rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`config.finetune.dpo`'s loss of the policy `peft.combine(frozen, trainable)` against the reference
     `reference_model` (the model without adapters) on `frozen`: a PEFT run's base (its adapters switched off, no
-    second copy of the weights), or full-parameter DPO's copy of the starting weights (`lm.peft.trainable`).
+    second copy of the weights), or full-parameter DPO's copy of the starting weights (`lm.peft.trainable`); or
+    against the reference log-probabilities the batch carries (`reference_log_probs`, precomputed with the data).
 
     Returns `(loss, aux)`: aux holds the metrics of the module docstring and `weight_sum`, the number of pairs the
     loss is a mean over (gradient accumulation weights micro-batches by it).
@@ -52,9 +54,17 @@ def dpo_loss(trainable, frozen, batch: dict[str, jax.Array], model: model_lib.Tr
                                   chunk_size=config.loss.chunk_size, logit_softcap=config.model.logit_softcap)
 
     policy_b, tokens_b = log_probs(peft.combine(frozen, trainable), model, rng)
-    reference_b, _ = log_probs(frozen, reference_model, None)
+    if REFERENCE_FEATURE in batch:  # Precomputed (`config.finetune.dpo.reference`): no reference forward.
+        reference_b = jnp.sum(batch[REFERENCE_FEATURE], axis=1)
+    else:
+        reference_b, _ = log_probs(frozen, reference_model, None)
     loss, metrics = preference_loss(policy_b, jax.lax.stop_gradient(reference_b), tokens_b, beta=settings.beta,
                                     loss=settings.loss, label_smoothing=settings.label_smoothing)
+    if settings.sft_weight:
+        # TRL's "sft" loss type: the chosen completions' mean token NLL, over the batch's chosen tokens.
+        nll = -jnp.sum(policy_b[0::2]) / jnp.maximum(jnp.sum(tokens_b[0::2]), 1.0)
+        metrics["sft_nll"] = nll
+        loss = loss + settings.sft_weight * nll
     metrics["weight_sum"] = metrics.pop("pairs")
     return loss, metrics
 

@@ -47,6 +47,7 @@ from lm import model as model_lib
 from lm import objective
 from lm import peft
 from lm import paths
+from lm import reward
 from lm import sharding as sharding_lib
 from lm.data import pipeline, sources
 from lm.data import tokenizer as tokenizer_lib
@@ -55,17 +56,25 @@ from lm.errors import ArgumentError, ConfigError
 
 def make_preference_eval_step(config: ml_collections.ConfigDict, model: model_lib.Transformer,
                               shardings: sharding_lib.Shardings):
-    """The jitted `eval_step(params, reference, batch) -> sums` of a DPO run (`lm.dpo`): its loss and metrics times
-    the batch's pairs, and the pairs, to be added over batches (padding pairs count 0)."""
-    reference_model = model_lib.build(peft.base_config(config))
+    """The jitted `eval_step(params, reference, batch) -> sums` of a run on preference pairs, a DPO run (`lm.dpo`)
+    or a reward model (`lm.reward`, whose `reference` is `{}`): its loss and metrics times the batch's pairs, and the
+    pairs, to be added over batches (padding pairs count 0)."""
+    if config.finetune.objective == "dpo":
+        reference_model = model_lib.build(peft.base_config(config))
+        loss_fn = lambda params, reference, batch: dpo.dpo_loss(params, reference, batch, model, reference_model,
+                                                                config)
+        reference_shardings = shardings.frozen
+    else:
+        loss_fn = lambda params, reference, batch: reward.reward_loss(params, {}, batch, model, config)
+        reference_shardings = {}
 
     def step(params, reference, batch):
         with shardings.activation_rules():
-            loss, aux = dpo.dpo_loss(params, reference, batch, model, reference_model, config)
+            loss, aux = loss_fn(params, reference, batch)
         pairs = aux.pop("weight_sum")
         return {"loss": loss * pairs, **{name: value * pairs for name, value in aux.items()}, "pairs": pairs}
 
-    return jax.jit(step, in_shardings=(shardings.params, shardings.frozen, shardings.batch),
+    return jax.jit(step, in_shardings=(shardings.params, reference_shardings, shardings.batch),
                    out_shardings=shardings.replicated)
 
 
@@ -102,7 +111,7 @@ class Evaluator:
         else:
             self.split = sources.resolve(config, config.data.eval_split)
         model = model_lib.build(config) if model is None else model
-        self._preference = config.finetune.objective == "dpo"
+        self._preference = config.data.format == "preference"
         self._eval_step = (make_preference_eval_step if self._preference else make_eval_step)(config, model, shardings)
         self._bytes_per_id = None if tokenizer is None else tokenizer.token_bytes(config.model.vocab_size)
         # Without BOS a document's first token is never a target, so its prefix is never counted.
@@ -112,9 +121,14 @@ class Evaluator:
         """`loss` (mean nats per token), `perplexity`, `accuracy`, `tokens`, `batches`, and with a tokenizer
         `bytes`, `bits_per_byte` and `unigram_entropy` (nats). A DPO run (`lm.dpo`): `loss` (the DPO loss), its
         metrics, `pairs` and `batches`, against `reference` (placed by `shardings.frozen`; default: the base of a
-        PEFT run's `params`)."""
+        PEFT run's `params`). A reward model (`lm.reward`): `loss` (Bradley-Terry), `accuracy` (pairwise),
+        `margin`, `mean_reward`, `pairs` and `batches`."""
         if self._preference:
-            return self._preference_metrics(params, peft.split(params)[0] if reference is None else reference)
+            if self.config.finetune.objective != "dpo":
+                reference = {}
+            elif reference is None:
+                reference = peft.split(params)[0]
+            return self._preference_metrics(params, reference)
         config = self.config
         iterator = pipeline.make_eval_iterator(config, tokenizer=self.tokenizer, split=self.split)
         totals, batches = None, 0
@@ -235,7 +249,7 @@ def evaluate_checkpoints(workdir: str, steps: list[int | None], config: ml_colle
     evaluator = Evaluator(config, sharding_lib.model_shardings(config, mesh), tokenizer)
     shardings = evaluator.shardings
     reference = None  # A DPO run's: a PEFT run's base (in its params), or the copy config.init_from names.
-    if config.finetune.objective == "dpo" and not peft.is_peft(config):
+    if config.finetune.objective == "dpo" and peft.runs_reference_model(config) and not peft.is_peft(config):
         reference = init_from_lib.initial_params(config, shardings)
     for step in steps:
         restored = checkpoint.restore(workdir, step, mesh, config=config)
@@ -248,6 +262,9 @@ def evaluate_checkpoints(workdir: str, steps: list[int | None], config: ml_colle
 
 
 def format_results(step: int, results: dict[str, float]) -> str:
+    if "pairs" in results and "margin" in results:
+        return (f"step {step}: reward model loss {results['loss']:.4f}, pairwise accuracy {results['accuracy']:.4f}, "
+                f"margin {results['margin']:.4f}, pairs {results['pairs']:,.0f}")
     if "pairs" in results:
         return (f"step {step}: DPO loss {results['loss']:.4f}, reward accuracy {results['rewards/accuracies']:.4f}, "
                 f"reward margin {results['rewards/margins']:.4f}, pairs {results['pairs']:,.0f}")

@@ -25,7 +25,10 @@ B; the prefixes a token attends to, `2 * p * n * h` per layer, as a projection o
 `[rank, d]` products). The attention term is unchanged.
 
 DPO (`config.finetune.objective = "dpo"`, `lm.dpo`) also runs the reference model forward on every token: `2 *
-N_matmul` more, and its forward attention term (a third of the training one).
+N_matmul` more, and its forward attention term (a third of the training one), unless its log-probabilities are
+precomputed with the data (`config.finetune.dpo.reference`). A reward model
+(`"reward"`, `lm.reward`) never applies the LM head: `d*V` leaves `N_matmul`, and its scalar head's `d` weights
+count as trained ones (6 FLOPs each).
 """
 
 from __future__ import annotations
@@ -105,13 +108,19 @@ def attention_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, c
 
 def train_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:
     """Training (forward + backward) FLOPs per token: `6 * N_matmul + attention term`, or with adapters
-    `4 * N_matmul + 6 * adapter_matmul_count + attention term`, plus DPO's reference forward (module docstring).
-    Remat recompute excluded."""
+    `4 * N_matmul + 6 * adapter_matmul_count + attention term`, plus DPO's reference forward, without a reward
+    model's LM head (module docstring). Remat recompute excluded."""
     adapters = adapter_matmul_count(config)
-    base = (4 if adapters else 6) * matmul_param_count(config)
+    objective = config.finetune.objective if "finetune" in config else "lm"
+    matmuls = matmul_param_count(config)
+    if objective == "reward":  # The LM head is never applied; the scalar head is a [d] product that trains.
+        m = _model(config)
+        matmuls -= m.d_model * m.vocab_size
+        adapters += m.d_model
+    base = (4 if adapter_matmul_count(config) else 6) * matmuls
     attention = attention_flops_per_token(config, seq_len, causal)
-    dpo = "finetune" in config and config.finetune.objective == "dpo"
-    reference = 2 * matmul_param_count(config) + attention / 3 if dpo else 0
+    runs_reference = objective == "dpo" and config.finetune.dpo.reference == "model"
+    reference = 2 * matmul_param_count(config) + attention / 3 if runs_reference else 0
     return base + 6 * adapters + attention + reference
 
 

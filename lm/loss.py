@@ -11,6 +11,7 @@ The vocabulary is cut into `n = ceil(V / chunk_size)` column blocks of (almost) 
 has a static width and a start of at most `V - C`, so `lax.dynamic_slice` never clamps (no column is read twice or
 skipped), nothing is masked, and the kernel is never padded or copied. `V = 50257, chunk_size = 4096`: 13 blocks,
 one of 3865 columns and twelve of 3866. `chunk_size >= V` is one block.
+`token_log_probs` (per-token log p(target)) and `token_entropies` (per-token entropy, a metric) fold the same blocks.
 
 1. Statistics pass (the forward): for each block, `logits_xc = hidden_xd @ kernel_dc` (matmul in the input dtype,
    fp32 accumulation), then in fp32 the online logsumexp (running max `m` and sum of `exp(logits - m)`, the sum
@@ -70,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["cross_entropy", "token_log_probs", "chunk_plan"]
+__all__ = ["cross_entropy", "token_log_probs", "token_entropies", "chunk_plan"]
 
 _F32 = jnp.float32
 
@@ -92,6 +93,14 @@ class _Stats(NamedTuple):
     sumexp_x: jax.Array  # fp32 sum of exp(logits - max_x) over the columns seen so far.
     target_logit_x: jax.Array  # fp32 logit of the target column (0 until its block is seen).
     logit_sum_x: jax.Array  # fp32 sum of all logits (only used with label smoothing).
+
+
+class _EntropyStats(NamedTuple):
+    """Per-token running statistics of `token_entropies`, all `[N]` fp32."""
+
+    max_x: jax.Array  # running max m of the logits seen so far.
+    sumexp_x: jax.Array  # s = sum of exp(z - m) over the columns seen so far.
+    centred_x: jax.Array  # w = sum of exp(z - m) * (z - m) over the columns seen so far.
 
 
 def chunk_plan(vocab_size: int, chunk_size: int) -> tuple[int, int, int]:
@@ -222,6 +231,53 @@ def _blockwise_log_probs_bwd(options, residuals, cotangents):
 _blockwise_log_probs.defvjp(_blockwise_log_probs_fwd, _blockwise_log_probs_bwd)
 
 
+def token_entropies(hidden: jax.Array, kernel: jax.Array, *, chunk_size: int,
+                    logit_softcap: float | None = None) -> jax.Array:
+    """Per-token entropy of `softmax(hidden @ kernel)`, blockwise like `cross_entropy` (no `[tokens, vocab]` array).
+
+    `H = logsumexp(z) - sum_v softmax(z)_v z_v`, in nats. One pass over the blocks keeps, per token, the running max
+    `m`, `s = sum exp(z - m)` and `w = sum exp(z - m) (z - m)`, both rescaled when `m` grows; then `H = log s - w / s`
+    (logits centred on their max, so no large `lse` and `E[z]` cancel).
+
+    Args:
+      hidden: `[..., d]` final hidden states; kernel: `[d, V]` LM head.
+      chunk_size, logit_softcap: as in `cross_entropy`.
+
+    Returns:
+      fp32 `[...]` (`hidden.shape[:-1]`) entropies. A metric: no gradient flows (inputs are stop-gradient'ed, so
+      differentiating the caller never stores per-block residuals, which together would be `[tokens, vocab]`).
+    """
+    hidden, kernel = jnp.asarray(hidden), jnp.asarray(kernel)
+    if hidden.ndim < 1 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"token_entropies: expected hidden [..., d] and kernel [d, V] with the same d, got "
+                         f"{hidden.shape} and {kernel.shape}")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"token_entropies: chunk_size must be a positive integer, got {chunk_size!r}")
+    options = _Options(int(chunk_size), 0.0, 0.0, None if logit_softcap is None else float(logit_softcap))
+    hidden_xd = lax.stop_gradient(hidden.reshape(-1, hidden.shape[-1]))
+    n = hidden_xd.shape[0]
+    init = _EntropyStats(max_x=jnp.full((n,), -jnp.inf, _F32), sumexp_x=jnp.zeros((n,), _F32),
+                         centred_x=jnp.zeros((n,), _F32))
+    stats, _ = _fold_blocks(hidden_xd, lax.stop_gradient(kernel), options, init, _update_entropy_stats)
+    return (jnp.log(stats.sumexp_x) - stats.centred_x / stats.sumexp_x).reshape(hidden.shape[:-1])
+
+
+def _update_entropy_stats(stats: _EntropyStats, logits_xc, start) -> _EntropyStats:
+    """Folds one block of logits into `token_entropies`' running statistics (the columns' position is irrelevant)."""
+    del start
+    max_x = jnp.maximum(stats.max_x, jnp.max(logits_xc, axis=1))
+    # Re-centring the old sums on the new max m': exp(z - m') = a exp(z - m) with a = exp(m - m'), and
+    # (z - m') = (z - m) + (m - m'), so s' = a s and w' = a (w + (m - m') s). Before the first block m = -inf and
+    # s = w = 0: the shift is set to 0 there, since -inf * 0 would be NaN.
+    shift_x = jnp.where(jnp.isfinite(stats.max_x), stats.max_x - max_x, 0.0)
+    scale_x = jnp.exp(shift_x)
+    centred_xc = logits_xc - max_x[:, None]
+    exp_xc = jnp.exp(centred_xc)
+    sumexp_x = scale_x * stats.sumexp_x + jnp.sum(exp_xc, axis=1)
+    centred_x = scale_x * (stats.centred_x + shift_x * stats.sumexp_x) + jnp.sum(exp_xc * centred_xc, axis=1)
+    return _EntropyStats(max_x, sumexp_x, centred_x)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The custom-VJP core on flat [N, d] inputs.
 
@@ -307,36 +363,45 @@ def _update_stats(stats: _Stats, logits_xc, start, targets_x) -> _Stats:
     return _Stats(max_x, sumexp_x, target_logit_x, logit_sum_x)
 
 
-def _statistics_pass(hidden_xd, kernel_dv, targets_x, options):
-    """Runs the statistics over all blocks; returns them and the `[N, C]` logits of the last block processed."""
-    n = hidden_xd.shape[0]
+def _fold_blocks(hidden_xd, kernel_dv, options, state, update):
+    """Folds every vocabulary block into `state` with `update(state, logits_xc, start)`, in the blocks' order: the
+    head block, the middle blocks in a `lax.scan`, the last block. Returns the final state and the `[N, C]` logits of
+    the last block processed."""
     vocab = kernel_dv.shape[1]
     num_blocks, width, head_width = chunk_plan(vocab, options.chunk_size)
     kernel_bits_dv = _bits(kernel_dv)
-    stats = _Stats(max_x=jnp.full((n,), -jnp.inf, _F32), sumexp_x=jnp.zeros((n,), _F32),
-                   target_logit_x=jnp.zeros((n,), _F32), logit_sum_x=jnp.zeros((n,), _F32))
 
     def kernel_block(start, size):
         return _from_bits(lax.dynamic_slice_in_dim(kernel_bits_dv, start, size, axis=1), kernel_dv.dtype)
 
     # Head block [0, head_width).
     logits_xc = _block_logits(hidden_xd, kernel_block(0, head_width), options)
-    stats = _update_stats(stats, logits_xc, 0, targets_x)
+    state = update(state, logits_xc, 0)
 
     # Middle blocks: start = head_width + i * width for i < num_blocks - 2; never clamped by dynamic_slice.
     if num_blocks > 2:
-        def body(stats, i):
+        def body(state, i):
             start = head_width + i * width
             logits_xc = _block_logits(hidden_xd, kernel_block(start, width), options)
-            return _update_stats(stats, logits_xc, start, targets_x), None
+            return update(state, logits_xc, start), None
 
-        stats, _ = lax.scan(body, stats, jnp.arange(num_blocks - 2, dtype=jnp.int32))
+        state, _ = lax.scan(body, state, jnp.arange(num_blocks - 2, dtype=jnp.int32))
 
-    # Last block [V - width, V); its logits are returned for the gradient pass.
+    # Last block [V - width, V).
     if num_blocks > 1:
         logits_xc = _block_logits(hidden_xd, kernel_block(vocab - width, width), options)
-        stats = _update_stats(stats, logits_xc, vocab - width, targets_x)
-    return stats, logits_xc
+        state = update(state, logits_xc, vocab - width)
+    return state, logits_xc
+
+
+def _statistics_pass(hidden_xd, kernel_dv, targets_x, options):
+    """Runs the statistics over all blocks; returns them and the `[N, C]` logits of the last block processed (for the
+    gradient pass)."""
+    n = hidden_xd.shape[0]
+    stats = _Stats(max_x=jnp.full((n,), -jnp.inf, _F32), sumexp_x=jnp.zeros((n,), _F32),
+                   target_logit_x=jnp.zeros((n,), _F32), logit_sum_x=jnp.zeros((n,), _F32))
+    return _fold_blocks(hidden_xd, kernel_dv, options, stats,
+                        lambda stats, logits_xc, start: _update_stats(stats, logits_xc, start, targets_x))
 
 
 def _finish(stats: _Stats, weights_x, vocab, options):

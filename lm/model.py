@@ -15,6 +15,11 @@ Every parameter is created through `nn.with_logical_partitioning` with the packa
 (`lm/__init__.py`: `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, and `layers` for the scanned stack), so
 the sharding rules in the config decide where each lives. `init` therefore returns `nn.Partitioned` boxes; `nn.get_partition_spec` reads
 their logical names and `nn.unbox` gives plain arrays (`apply` accepts either).
+
+A reward model (`config.finetune.objective = "reward"`, `lm.reward`) and a PPO policy's value function (`"ppo"`,
+`lm.rl`) read one number per position from the same hidden states: parameters `scalar_head [d]` and,
+`scalar_bias []`, both initialised to 0 so a new head scores every sequence alike), applied by `scalar_values` to `Transformer.scalar_weights()`. Only
+runs with those objectives have it; `lm.peft` counts it among the parameters a base model does not have.
 """
 
 from __future__ import annotations
@@ -366,6 +371,7 @@ class Transformer(nn.Module):
 
     cfg: ml_collections.FrozenConfigDict
     peft: Any = None
+    has_scalar_head: bool = False  # A reward or value head (`scalar_head`): runs whose objective reads one.
 
     def setup(self):
         cfg = self.cfg
@@ -398,6 +404,11 @@ class Transformer(nn.Module):
                 "lm_head",
                 nn.with_logical_partitioning(_kernel_init(cfg, (0,), (1,), False), ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), param_dtype)
+        if self.has_scalar_head:
+            zeros = nn.initializers.zeros
+            self.scalar_kernel = self.param(
+                "scalar_head", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), jnp.float32)
+            self.scalar_bias = self.param("scalar_bias", nn.with_logical_partitioning(zeros, ()), (), jnp.float32)
 
     def __call__(
         self,
@@ -488,6 +499,10 @@ class Transformer(nn.Module):
         kernel_dv = self.embed.embedding.T if self.cfg.tie_embeddings else self.lm_head
         return kernel_dv.astype(self.cfg.dtype)
 
+    def scalar_weights(self) -> tuple[jax.Array, jax.Array]:
+        """`(kernel_d, bias)` of the scalar head, fp32 (module docstring); for `scalar_values`."""
+        return self.scalar_kernel, self.scalar_bias
+
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         """Logits `[..., vocab]` in fp32 for the given hidden states (decoding: only the positions it needs),
         soft-capped by `logit_softcap` when set."""
@@ -500,11 +515,23 @@ def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
+def scalar_values(hidden_btd: jax.Array, head: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """fp32 `[batch, length]`: the scalar head `(kernel_d, bias)` (`Transformer.scalar_weights`) at every position."""
+    kernel_d, bias = head
+    return jnp.einsum("btd,d->bt", hidden_btd.astype(jnp.float32), kernel_d.astype(jnp.float32)) + bias
+
+
+# Objectives whose model has a scalar head: a reward model's score, a PPO policy's value.
+SCALAR_HEAD_OBJECTIVES = ("reward", "ppo")
+
+
 def build(config: ml_collections.ConfigDict) -> Transformer:
-    """The Transformer for a run config (with the adapters of `config.finetune`, `lm.peft`), or for a `model`
-    section alone (no adapters)."""
-    adapted = "finetune" in config and peft.is_peft(config)
-    return Transformer(model_config(config), ml_collections.FrozenConfigDict(config.finetune) if adapted else None)
+    """The Transformer for a run config (with the adapters of `config.finetune`, `lm.peft`, and the scalar head of
+    the objectives that read one), or for a `model` section alone (neither)."""
+    finetune = config.get("finetune")
+    adapted = finetune is not None and peft.is_peft(config)
+    return Transformer(model_config(config), ml_collections.FrozenConfigDict(finetune) if adapted else None,
+                       has_scalar_head=finetune is not None and finetune.objective in SCALAR_HEAD_OBJECTIVES)
 
 
 def init(model: Transformer, rng: jax.Array, batch_size: int = 1, length: int = 8):

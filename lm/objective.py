@@ -63,20 +63,21 @@ def target_log_probs(params, inputs_bt: jax.Array, targets_bt: jax.Array, model:
 
 
 def batch_hidden_and_head(params, batch: dict[str, jax.Array], model: model_lib.Transformer,
-                          rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The final hidden states `[batch, length, d]` of a batch and the LM head `[d, vocab]` (compute dtype)."""
+                          rng: jax.Array | None = None, head=model_lib.Transformer.output_kernel):
+    """The final hidden states `[batch, length, d]` of a batch (compute dtype) and `head(module)`: by default the LM
+    head `[d, vocab]` (compute dtype); `Transformer.scalar_weights` for a reward or value model's scalar head."""
     # A LoReFT run that edits chosen prompt positions reads where each example's prompt ends from the weights.
     prompt_lengths_bt = peft.prompt_lengths(batch.get("segment_ids"), batch.get("weights"), batch["inputs"].shape)
     return _hidden_and_head(params, batch["inputs"], model, batch.get("positions"), batch.get("segment_ids"),
-                            prompt_lengths_bt, rng)
+                            prompt_lengths_bt, rng, head)
 
 
 def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None, prompt_lengths_bt=None,
-                     rng=None):
-    """The final hidden states `[batch, length, d]` and the LM head `[d, vocab]` (both in the compute dtype)."""
+                     rng=None, head=model_lib.Transformer.output_kernel):
+    """The final hidden states `[batch, length, d]` and `head(module)` (the LM head `[d, vocab]`: compute dtype)."""
 
     def hidden_and_head(module: model_lib.Transformer):
-        return module(inputs_bt, positions_bt, segment_ids_bt, prompt_lengths_bt), module.output_kernel()
+        return module(inputs_bt, positions_bt, segment_ids_bt, prompt_lengths_bt), head(module)
 
     rngs = None if rng is None else {"dropout": rng}
     return model.apply({"params": params}, method=hidden_and_head, rngs=rngs)

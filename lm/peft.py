@@ -45,8 +45,9 @@ import jax
 import jax.numpy as jnp
 
 PEFT_METHODS = ("lora", "prefix", "loreft")
-# Parameter names (path elements) only adapters use: LoRA factors, the prefix and LoReFT submodules.
-ADAPTER_NAMES = frozenset({"lora_a", "lora_b", "prefix", "reft"})
+# Parameter names (path elements) a base model does not have: the adapters' (LoRA factors, the prefix and LoReFT
+# submodules), and a reward or value model's scalar head (`lm.model`), which a PEFT run trains beside its adapters.
+ADAPTER_NAMES = frozenset({"lora_a", "lora_b", "prefix", "reft", "scalar_head", "scalar_bias"})
 
 
 def is_peft(config) -> bool:
@@ -55,9 +56,11 @@ def is_peft(config) -> bool:
 
 
 def base_config(config):
-    """`config` without adapters (`finetune.method = "full"`): the model a PEFT run's frozen base is."""
+    """`config` without adapters or scalar head (`finetune.method = "full"`, `objective = "lm"`): the model a PEFT
+    run's frozen base is, and a DPO or PPO run's reference. Not a config to train (it is not validated)."""
     base = config.copy_and_resolve_references()
     base.finetune.method = "full"
+    base.finetune.objective = "lm"
     return base
 
 
@@ -199,12 +202,20 @@ def combine(base, adapters) -> dict:
 
 def trainable(params, config) -> tuple[dict, dict]:
     """`(frozen, trainable)` of a run's parameter tree (or of a tree of its shape): what the train step reads but
-    does not train, and what it trains. A PEFT run: `split` (the base is also DPO's reference). Full training:
-    `({}, params)`, or `(params, params)` for full-parameter DPO, whose frozen tree is its reference model, a copy of
-    the starting weights (`lm.dpo`)."""
+    does not train, and what it trains. A PEFT run: `split` (the base is also a DPO or PPO run's reference). Full
+    training: `({}, params)`, or for full-parameter DPO and PPO `(base, params)`, whose frozen tree is the reference
+    model, a copy of the starting weights without the scalar head (`lm.dpo`, `lm.rl`; not for DPO on precomputed
+    reference log-probabilities)."""
     if is_peft(config):
         return split(params)
-    return (params if config.finetune.objective == "dpo" else {}), params
+    return (split(params)[0] if runs_reference_model(config) else {}), params
+
+
+def runs_reference_model(config) -> bool:
+    """Whether the run computes with a reference model: PPO, and DPO unless its reference log-probabilities are
+    precomputed with the data (`config.finetune.dpo.reference`)."""
+    objective = config.finetune.objective
+    return objective == "ppo" or (objective == "dpo" and config.finetune.dpo.reference == "model")
 
 
 def merge_lora(params, config) -> dict:

@@ -44,7 +44,7 @@ from lm import train_step as train_step_lib
 from lm import workdir as workdir_lib
 from lm.data import pipeline, sources
 from lm.data import tokenizer_training
-from lm.errors import ArgumentError, CheckpointError, NonFiniteError
+from lm.errors import ArgumentError, CheckpointError, ConfigError, NonFiniteError
 from lm.hf import convert as hf_convert
 
 
@@ -132,6 +132,8 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
     the per-leaf sharding table; `profile_steps=(start, stop)` records a jax.profiler trace of those steps into
     `workdir/profile` (the CLI flags of the same names)."""
     config = init_from_lib.with_source_model(config)
+    if config.finetune.objective == "ppo":
+        raise ConfigError("config.finetune.objective='ppo' learns from rollouts: run it with python -m lm.rl")
     training = train_step_lib.build(config)  # Validates; mesh and shapes checked before any compile.
     workdir_lib.ensure_directory(workdir)
     if hf_convert.is_imported(workdir):
@@ -153,9 +155,9 @@ def train(config, workdir: str, *, print_sharding: bool = False, profile_steps: 
         checkpoints = resources.enter_context(contextlib.closing(checkpoint.manager(workdir, config.keep_checkpoints)))
         restored = checkpoint.restore_latest_state(checkpoints, abstract_state, data)
         # What the step reads but does not train, read again on every start (checkpoints hold the trainable tree):
-        # a PEFT run's base (`lm.peft`), full-parameter DPO's reference (`lm.dpo`), else nothing.
+        # a PEFT run's base (`lm.peft`), full-parameter DPO's or PPO's reference (`lm.dpo`, `lm.rl`), else nothing.
         frozen = {}
-        if peft.is_peft(config) or config.finetune.objective == "dpo":
+        if peft.is_peft(config) or peft.runs_reference_model(config):
             frozen = init_from_lib.initial_params(config, training.shardings)
         if restored is None and config.init_from and not peft.is_peft(config):
             state = training.state_from(init_from_lib.initial_params(config, training.shardings))

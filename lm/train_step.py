@@ -1,7 +1,7 @@
 """The train state and the sharded, jitted train step.
 
     batch ─▶ [micro-batches, lax.scan] ─▶ the objective (`config.finetune.objective`: lm.objective.lm_loss, model.apply
-          then the blockwise cross-entropy; or lm.dpo.dpo_loss on preference pairs)
+          then the blockwise cross-entropy; on preference pairs lm.dpo.dpo_loss or lm.reward.reward_loss)
           ─▶ grads (constrained to the ZeRO-stage sharding) ─▶ optax update (dropped if not finite) ─▶ new state
 
 `make_train_step` returns `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)` whose shardings come from
@@ -34,6 +34,8 @@ from lm import model as model_lib
 from lm import objective
 from lm import optim
 from lm import peft
+from lm import ppo
+from lm import reward
 from lm import sharding as sharding_lib
 
 
@@ -62,9 +64,14 @@ class Training:
 
     def state_from(self, params) -> TrainState:
         """A fresh train state (step 0, new optimizer state) around `params` placed by `shardings.trainable` (full
-        fine-tuning from `config.init_from`; a PEFT run starts new adapters with `init_state`)."""
-        init = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                         opt_state=self.optimizer.init(params))
+        fine-tuning from `config.init_from`; a PEFT run starts new adapters with `init_state`). A scalar head the
+        source does not have (a reward or value model's, `lm.model`) starts at its initialisation, zeros."""
+        new_heads = peft.split(self.shardings.abstract_trainable)[1]
+
+        def init(params):
+            params = peft.combine(params, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), new_heads))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+
         return jax.jit(init, out_shardings=state_shardings(self.shardings))(params)
 
     def abstract_state(self) -> TrainState:
@@ -122,10 +129,15 @@ def _split_microbatches(batch, microbatches: int, batch_sharding: NamedSharding,
 
 def objective_loss(config: ml_collections.ConfigDict, model: model_lib.Transformer):
     """`loss(trainable, frozen, batch, rng) -> (loss, aux)` of `config.finetune.objective`; `aux["weight_sum"]` is
-    what the loss is a mean over (trained tokens; DPO: pairs), the other entries are the step's metrics."""
+    what the loss is a mean over (trained tokens; DPO and reward models: pairs), the other entries are the step's
+    metrics."""
     if config.finetune.objective == "dpo":
         reference_model = model_lib.build(peft.base_config(config))
         return lambda p, frozen, batch, rng: dpo.dpo_loss(p, frozen, batch, model, reference_model, config, rng)
+    if config.finetune.objective == "reward":
+        return lambda p, frozen, batch, rng: reward.reward_loss(p, frozen, batch, model, config, rng)
+    if config.finetune.objective == "ppo":  # A minibatch of a rollout (`lm.rl`).
+        return lambda p, frozen, batch, rng: ppo.ppo_loss(p, frozen, batch, model, config, rng)
 
     def lm_loss(p, frozen, batch, rng):
         loss, aux = objective.lm_loss(peft.combine(frozen, p), batch, model, config, rng=rng)
@@ -166,7 +178,7 @@ def _loss_and_grads(params, frozen, batch, model, config, shardings: sharding_li
         return (grads_acc, loss_acc + loss_sum, aux_acc), None
 
     micro = _split_microbatches(batch, microbatches, shardings.batch,
-                                group=2 if config.finetune.objective == "dpo" else 1)
+                                group=2 if config.data.format == "preference" else 1)
     aux_shapes = jax.eval_shape(lambda: loss(params, jax.tree.map(lambda x: x[0], micro), None)[1])
     init = (constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)),
             jnp.zeros((), jnp.float32),
@@ -189,7 +201,8 @@ def make_train_step(
     PEFT run, `{}` otherwise) is read only.
 
     Metrics (fp32 scalars): `loss` (the training objective, z-loss included), the objective's own (`nll`, `z_loss`,
-    `accuracy` and `tokens`, the weight sum; DPO: `lm.dpo`'s `rewards/*` and `logps/*`, and `pairs`), `grad_norm`
+    `accuracy` and `tokens`, the weight sum; DPO: `lm.dpo`'s `rewards/*` and `logps/*`, and `pairs`; a reward model:
+    `lm.reward`'s `accuracy`, `margin`, `mean_reward` and `pairs`), `grad_norm`
     (before clipping), `learning_rate` (of this step), and the non-finite guard's `skipped` (1 when a gradient was
     not finite and the update was dropped: parameters and optimizer state unchanged), `consecutive_skips` and
     `skipped_total` (`lm.optim.skip_counts`).
@@ -204,7 +217,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                opt_state=opt_state)
-        counted = "pairs" if config.finetune.objective == "dpo" else "tokens"
+        counted = "pairs" if config.data.format == "preference" else "tokens"
         metrics = {
             "loss": loss,
             **{name: value for name, value in aux.items() if name != "weight_sum"},

@@ -266,3 +266,38 @@ def test_dpo_flops_count_the_reference_forward_and_preflight_the_reference_copy(
     full_sft.finetune.objective, full_sft.data.format = "sft", "prompt_completion"
     copy = preflight.estimate(full, sizes).stages[1].params
     assert copy == 2 * preflight.estimate(full_sft, sizes).stages[1].params
+
+
+def test_reference_log_probs_precomputed_with_the_data_train_like_the_reference_model(dpo_setup, tmp_path):
+    from lm import reference_log_probs
+    from lm import train_step as train_step_lib
+
+    scored_dir = tmp_path / "scored"
+    assert reference_log_probs.precompute(_dpo_config(dpo_setup, "full"), str(scored_dir)) == 40
+    scored = scored_dir / "pairs.jsonl"
+    records = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in records)
+    precomputed = _dpo_config(dpo_setup, "full", **{"data.files": str(scored), "finetune.dpo.reference": "precomputed"})
+    with_model, from_data = str(tmp_path / "model"), str(tmp_path / "precomputed")
+    train_lib.train(_dpo_config(dpo_setup, "full"), with_model)
+    train_lib.train(precomputed, from_data)
+    expected, got = ([line for line in _metric_lines(workdir) if "loss" in line] for workdir in (with_model, from_data))
+    assert got[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-6)
+    for a, b in zip(expected, got):  # The same sequences, scored by the same weights in another program.
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5)
+    # No reference copy is held and no reference forward counted.
+    resolved = init_from_lib.with_source_model(precomputed)
+    assert train_step_lib.build(resolved).shardings.frozen == {}
+    plain = resolved.copy_and_resolve_references()
+    plain.finetune.objective, plain.data.format = "sft", "prompt_completion"
+    assert flops.train_flops_per_token(resolved, 32) == flops.train_flops_per_token(plain, 32)
+    # A record without its reference numbers is one line naming it.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    del records[6]["ref_rejected_logps"]
+    _records_file(broken / "pairs.jsonl", records)
+    with pytest.raises(RecordError, match=r"pairs.jsonl:7: .*needs a number 'ref_rejected_logps'"):
+        train_lib.train(_dpo_config(dpo_setup, "full", **{"data.files": str(broken / "pairs.jsonl"),
+                                                          "finetune.dpo.reference": "precomputed"}),
+                        str(tmp_path / "broken_run"))

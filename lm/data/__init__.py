@@ -17,3 +17,7 @@ Imports only go down this list's dependencies: `text_files` <- `sources` <- `tok
 none of them; `pipeline` uses `sources`, `tokenizer` and `packing`. Nothing here imports TensorFlow at import time;
 TFRecord datasets import it when read. The synthetic source and the default corpus work without TensorFlow.
 """
+
+# A preference batch's optional fp32 `[rows, length]` feature beside `packing.FEATURES`: the precomputed reference
+# log-probabilities DPO reads (`lm.data.preference`, `lm.dpo`). Here so that `lm.dpo` needs no data module.
+REFERENCE_FEATURE = "reference_log_probs"

@@ -58,7 +58,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm.data import packing, preference, sft, sources
+from lm.data import REFERENCE_FEATURE, packing, preference, sft, sources
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import ArgumentError, ConfigError, EmptyDatasetError, IteratorStateError
 
@@ -125,8 +125,10 @@ class BatchIterator(grain.DatasetIterator):
     """
 
     def __init__(self, inner: grain.DatasetIterator, *, meta: dict[str, Any], local_batch_size: int,
-                 global_batch_size: int, seq_len: int, tokenizer: tokenizer_lib.Tokenizer | None):
+                 global_batch_size: int, seq_len: int, tokenizer: tokenizer_lib.Tokenizer | None,
+                 float_features: tuple[str, ...] = ()):
         super().__init__(inner)
+        self._float_features = float_features  # Batch features beyond `packing.FEATURES` (fp32 [rows, length]).
         self._inner = inner
         self._meta = meta
         self.local_batch_size = local_batch_size
@@ -162,7 +164,9 @@ class BatchIterator(grain.DatasetIterator):
         """A batch of all-padding rows (weights 0): what a process whose finite stream has ended feeds to a step
         that every process runs together."""
         pad_id = pad_id_of(self.tokenizer)
-        return _stack([], self.local_batch_size, packing.padding_example(self.seq_len, pad_id))
+        batch = _stack([], self.local_batch_size, packing.padding_example(self.seq_len, pad_id))
+        return {**batch, **{name: np.zeros((self.local_batch_size, self.seq_len), np.float32)
+                            for name in self._float_features}}
 
     def close(self) -> None:
         """Stops the background thread and releases the pipeline; the iterator cannot be used afterwards.
@@ -274,6 +278,8 @@ def make_iterator(
             pairs = pairs.map(lambda pair: preference.to_rows(pair, seq_len, pad_id_of(tokenizer)))
             batches = pairs.batch(rows // 2, drop_remainder=False,
                                   batch_fn=lambda e: preference.stack(list(e), rows, padding))
+            if sft.reads_reference_log_probs(config):
+                common["float_features"] = (REFERENCE_FEATURE,)
         else:
             rows_ds = _sft_rows(config, resolved, tokenizer, layout, shuffle=shuffle, seed=seed,
                                 num_epochs=num_epochs, process_index=process_index, process_count=process_count,

@@ -33,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+from typing import Iterator
 
 import numpy as np
 import ml_collections
@@ -43,6 +45,8 @@ from lm.data.text_files import files_spec, is_validation
 from lm.errors import ChatTemplateError, ConfigError, EmptyDatasetError, RecordError, SplitNotFoundError
 
 SPLITS = ("train", "validation")
+# A preference record's precomputed reference log-probabilities of its chosen and rejected sides (TRL's names).
+REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +71,7 @@ class SftSplit:
         return len(self.records)
 
 
-def _check(fields, key: str, data_format: str) -> None:
+def _check(fields, key: str, data_format: str, reference_log_probs: bool = False) -> None:
     where = f"{key}: a {data_format} record"
     if not isinstance(fields, dict):
         raise RecordError(f"{where} must be a JSON object, got {type(fields).__name__}")
@@ -77,6 +81,13 @@ def _check(fields, key: str, data_format: str) -> None:
         _check_messages(fields.get("messages"), "'messages'", where, ends_with_assistant=True)
     else:
         _check_preference(fields, where)
+        if reference_log_probs:
+            for name in REFERENCE_FIELDS:
+                value = fields.get(name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise RecordError(f"{where} needs a number {name!r}: config.finetune.dpo.reference="
+                                      f"'precomputed' reads the reference's log-probabilities from the records "
+                                      f"(python -m lm.reference_log_probs writes them)")
 
 
 def _check_strings(fields: dict, names: tuple[str, ...], where: str) -> None:
@@ -126,8 +137,27 @@ def resolve(config: ml_collections.ConfigDict, split: str) -> SftSplit:
         raise SplitNotFoundError(f"split {split!r} of fine-tuning records: one of {', '.join(SPLITS)}")
     spec = files_spec(config)
     data_format = config.data.format
-    records = []
     digest = hashlib.sha256(json.dumps([data_format, split, spec.fingerprint()]).encode())
+    records = [record for record in all_records(config, reads_reference_log_probs(config))
+               if is_validation(record.key, spec.validation_percent) == (split == "validation")]
+    description = f"{data_format} records {config.data.files} ({split})"
+    if not records:
+        hint = (" (validation holds about 5% of the records, by a hash of FILE:LINE; set config.data.eval_split=train "
+                "to evaluate on the training records)") if split == "validation" else ""
+        raise EmptyDatasetError(f"split {split!r} of {data_format} records {config.data.files} has no records{hint}")
+    return SftSplit(split, data_format, tuple(records), description, digest.hexdigest()[:16])
+
+
+def reads_reference_log_probs(config: ml_collections.ConfigDict) -> bool:
+    """Whether preference records carry their reference log-probabilities (`config.finetune.dpo.reference`)."""
+    return (config.data.format == "preference" and config.finetune.objective == "dpo"
+            and config.finetune.dpo.reference == "precomputed")
+
+
+def all_records(config: ml_collections.ConfigDict, reference_log_probs: bool = False) -> Iterator[Record]:
+    """Every record of `config.data.files` in file and line order, checked (`reference_log_probs`: also its
+    precomputed reference fields); keys are `FILE:LINE` with FILE relative to the files' common directory."""
+    spec = files_spec(config)
     for path in spec.files:
         relative = path[len(spec.root):].lstrip("/")
         with open(path, encoding="utf-8") as f:
@@ -139,15 +169,8 @@ def resolve(config: ml_collections.ConfigDict, split: str) -> SftSplit:
                     fields = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise RecordError(f"{key}: not a JSON object ({error.msg})") from None
-                _check(fields, key, data_format)
-                if is_validation(key, spec.validation_percent) == (split == "validation"):
-                    records.append(Record(key, fields))
-    description = f"{data_format} records {config.data.files} ({split})"
-    if not records:
-        hint = (" (validation holds about 5% of the records, by a hash of FILE:LINE; set config.data.eval_split=train "
-                "to evaluate on the training records)") if split == "validation" else ""
-        raise EmptyDatasetError(f"split {split!r} of {data_format} records {config.data.files} has no records{hint}")
-    return SftSplit(split, data_format, tuple(records), description, digest.hexdigest()[:16])
+                _check(fields, key, config.data.format, reference_log_probs)
+                yield Record(key, fields)
 
 
 def chat_template(config, tokenizer: tokenizer_lib.Tokenizer) -> tuple[str, bool]:
@@ -209,33 +232,42 @@ def examples(config: ml_collections.ConfigDict, split: SftSplit, tokenizer: toke
 
 
 def fit_examples(config: ml_collections.ConfigDict, split: SftSplit, tokenizer: tokenizer_lib.Tokenizer,
-                 tokenize_record, unit: str) -> Examples:
+                 tokenize_record, unit: str, extras=None) -> Examples:
     """The examples of `split`'s records fitted to `seq_len + 1` tokens (module docstring). `tokenize_record(record)`
     gives `{prefix: (tokens, trained)}`, the sequences one record makes, kept, truncated or dropped together; an
-    example holds `{prefix}tokens` and `{prefix}trained` (int32) of each. Raises EmptyDatasetError when no example
-    is left."""
+    example holds `{prefix}tokens` and `{prefix}trained` (int32) of each, and `extras(record)` (a dict of arrays)
+    when given. Raises EmptyDatasetError when no example is left."""
     if tokenizer.eos_id is None:
         raise ConfigError("the tokenizer has no EOS token; fine-tuning examples end with one")
-    window = config.data.seq_len + 1
     result = Examples([], unit=unit)
     for record in split.records:
-        sequences = tokenize_record(record)
-        if any(len(tokens) > window for tokens, _ in sequences.values()):
-            if config.data.overlong == "drop":
-                result.dropped_overlong += 1
-                continue
-            sequences = {prefix: (tokens[:window], trained[:window])
-                         for prefix, (tokens, trained) in sequences.items()}
-            result.truncated += 1
-        if not all(trained[1:].any() for _, trained in sequences.values()):  # The first token is never a target.
-            result.dropped_untrained += 1
+        sequences, counts = fit_sequences(tokenize_record(record), config.data.seq_len + 1, config.data.overlong)
+        for count in counts:
+            setattr(result, count, getattr(result, count) + 1)
+        if sequences is None:
             continue
-        result.examples.append({f"{prefix}{name}": array for prefix, (tokens, trained) in sequences.items()
-                                for name, array in (("tokens", tokens), ("trained", trained.astype(np.int32)))})
+        example = {f"{prefix}{name}": array for prefix, (tokens, trained) in sequences.items()
+                   for name, array in (("tokens", tokens), ("trained", trained.astype(np.int32)))}
+        result.examples.append(example if extras is None else {**example, **extras(record)})
     if not result.examples:
         raise EmptyDatasetError(f"{result.report(split, config.data.seq_len)}: no example is left to train on; "
                                 f"raise config.data.seq_len or shorten the prompts")
     return result
+
+
+def fit_sequences(sequences: dict, window: int, overlong: str) -> tuple[dict | None, tuple[str, ...]]:
+    """`(sequences, counts)`: one record's `{prefix: (tokens, trained)}` fitted to `window` tokens together, and the
+    `Examples` counters it adds to: `truncated`, and (sequences None) `dropped_overlong` (with `overlong` drop) or
+    `dropped_untrained` (no trained target left, after truncation or not)."""
+    counts = ()
+    if any(len(tokens) > window for tokens, _ in sequences.values()):
+        if overlong == "drop":
+            return None, ("dropped_overlong",)
+        sequences = {prefix: (tokens[:window], trained[:window]) for prefix, (tokens, trained) in sequences.items()}
+        counts = ("truncated",)
+    if not all(trained[1:].any() for _, trained in sequences.values()):  # The first token is never a target.
+        return None, (*counts, "dropped_untrained")
+    return sequences, counts
 
 
 def to_example(row, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

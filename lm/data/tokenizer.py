@@ -64,7 +64,8 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        """The text of `ids`; special tokens are dropped."""
+        """The text of `ids`; special tokens are dropped, and so are ids at or above `vocab_size` (a model's padded
+        vocabulary has ids no text stands for, which an undertrained model can still sample)."""
 
     @abc.abstractmethod
     def token_bytes(self, vocab_size: int) -> np.ndarray:
@@ -138,7 +139,7 @@ class SentencePieceTokenizer(Tokenizer):
         return {name: self.processor.id_to_piece(i) for name, i in names.items() if i is not None}
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.processor.decode(list(ids))
+        return self.processor.decode([i for i in ids if i < self.vocab_size])
 
     def token_bytes(self, vocab_size: int) -> np.ndarray:
         # The tokenizers lm trains are lossless (`lm.data.tokenizer_training`): a piece's bytes are exactly those of
@@ -215,7 +216,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return dict(self._special_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.tokenizer.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=True)
 
     def token_bytes(self, vocab_size: int) -> np.ndarray:
         table = np.zeros(vocab_size, np.int64)
