@@ -238,7 +238,8 @@ def base_config() -> ml_collections.ConfigDict:
     f.dpo = ml_collections.ConfigDict()
     f.dpo.beta = 0.1  # Strength of the KL constraint to the reference (the model config.init_from names).
     f.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo (length-normalised log-ratios, as TRL).
-    f.dpo.label_smoothing = 0.0  # Conservative DPO: the probability that a preference label is wrong (sigmoid).
+    # Conservative DPO: the probability that a preference label is wrong (sigmoid; TRL 1.x's sigmoid ignores it).
+    f.dpo.label_smoothing = 0.0
     # Weight of the chosen completions' token NLL added to the loss (TRL's loss_type ["sigmoid", "sft"] with
     # loss_weights [1, w]; RPO, Pang et al. 2024): keeps the chosen likelihood from falling with the rejected one.
     f.dpo.sft_weight = 0.0

@@ -17,9 +17,10 @@ the sharding rules in the config decide where each lives. `init` therefore retur
 their logical names and `nn.unbox` gives plain arrays (`apply` accepts either).
 
 A reward model (`config.finetune.objective = "reward"`, `lm.reward`) and a PPO policy's value function (`"ppo"`,
-`lm.rl`) read one number per position from the same hidden states: parameters `scalar_head [d]` and,
-`scalar_bias []`, both initialised to 0 so a new head scores every sequence alike), applied by `scalar_values` to `Transformer.scalar_weights()`. Only
-runs with those objectives have it; `lm.peft` counts it among the parameters a base model does not have.
+`lm.rl`) read one number per position from the same hidden states: the parameters `scalar_head [d]` and
+`scalar_bias []`, both initialised to 0 (a new head scores every sequence alike), applied by `scalar_values` to
+`Transformer.scalar_weights()`. Only runs with those objectives have them; `lm.peft` counts them among the
+parameters a base model does not have.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def _metric_lines(workdir) -> list[dict]:
 
 
 def test_ppo_raises_a_verifiable_reward_while_the_kl_stays_under_its_target(task, tmp_path):
-    rl.train(_ppo_config(task), str(tmp_path / "ppo"))
+    rl.train(_ppo_config(task, total_steps=10), str(tmp_path / "ppo"))
     lines = _metric_lines(tmp_path / "ppo")
     rewards = [line["reward"] for line in lines]
     base_reward = rewards[0]  # Step 1's rollouts come from the base itself.

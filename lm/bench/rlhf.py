@@ -173,32 +173,51 @@ def main(argv) -> None:
     print(f"held-out pairs: DPO reward accuracy {dpo['rewards/accuracies']:.3f} (margin {dpo['rewards/margins']:.3f}), "
           f"reward model pairwise accuracy {reward_model['accuracy']:.3f} (margin {reward_model['margin']:.3f}), "
           f"{reward_model['pairs']:.0f} pairs")
-    curves = {
-        "DPO loss": _curve(path("dpo"), "loss"), "DPO rewards/accuracies": _curve(path("dpo"), "rewards/accuracies"),
-        "reward model loss": _curve(path("reward_model"), "loss"),
-        "PPO reward (says_hello)": _curve(path("ppo"), "reward"), "PPO KL": _curve(path("ppo"), "kl"),
-        "PPO reward (reward model)": _curve(path("ppo_reward_model"), "reward"),
-    }
-    for name, curve in curves.items():
+    for name, curve in curves(root).items():
         print(f"{name}: " + ", ".join(f"{step}: {value:.3f}" for step, value in curve))
     if flags.FLAGS.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-        for axis, names in zip(axes, (("DPO loss", "DPO rewards/accuracies", "reward model loss"),
-                                      ("PPO reward (says_hello)", "PPO reward (reward model)"), ("PPO KL",))):
-            for name in names:
-                axis.plot(*zip(*curves[name]), marker=".", label=name)
-            axis.set_xlabel("step")
-            axis.legend(fontsize=8)
-        axes[2].axhline(6.0, color="gray", linestyle="--", label="kl_target")
-        axes[2].legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(flags.FLAGS.plot, dpi=110)
+        plot(curves(root), flags.FLAGS.plot)
         print(f"wrote {flags.FLAGS.plot}")
+
+
+def curves(root: str) -> dict[str, list[tuple[int, float]]]:
+    """The logged curves of the runs in `root`: `{name: [(step, value), ...]}`."""
+    path = lambda name: os.path.join(root, name)
+    return {
+        "DPO rewards/margins": _curve(path("dpo"), "rewards/margins"),
+        "DPO logps/chosen": _curve(path("dpo"), "logps/chosen"),
+        "DPO logps/rejected": _curve(path("dpo"), "logps/rejected"),
+        "reward model loss": _curve(path("reward_model"), "loss"),
+        "reward model accuracy": _curve(path("reward_model"), "accuracy"),
+        "PPO reward (says_hello)": _curve(path("ppo"), "reward"),
+        "PPO reward (reward model)": _curve(path("ppo_reward_model"), "reward"),
+        "PPO KL (says_hello)": _curve(path("ppo"), "kl"),
+        "PPO KL (reward model)": _curve(path("ppo_reward_model"), "kl"),
+    }
+
+
+def plot(curves_by_name: dict, output: str) -> None:
+    """Four panels: DPO, the reward model, PPO's reward, PPO's KL against its target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("DPO (train batches)", ("DPO rewards/margins", "DPO logps/chosen", "DPO logps/rejected")),
+              ("reward model (train batches)", ("reward model loss", "reward model accuracy")),
+              ("PPO: mean reward of the rollouts", ("PPO reward (says_hello)", "PPO reward (reward model)")),
+              ("PPO: KL to the reference per response", ("PPO KL (says_hello)", "PPO KL (reward model)")))
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for axis, (title, names) in zip(axes, panels):
+        for name in names:
+            axis.plot(*zip(*curves_by_name[name]), marker=".", label=name)
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("step")
+    axes[3].axhline(6.0, color="gray", linestyle="--", label="rl.kl_target")
+    for axis in axes:
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
 
 
 if __name__ == "__main__":
