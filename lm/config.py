@@ -269,7 +269,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # PPO (config.finetune.objective = "ppo", run by python -m lm.rl; lm/rl.py, lm/ppo.py). A step is one rollout
     # batch: config.data.batch_size prompts, each completed once, then `epochs` passes over it in `minibatches`.
-    # Defaults are TRL's PPOConfig's.
+    # The loss, GAE and KL defaults are TRL's PPOConfig's; sampling (temperature 1, 16 new tokens) is lm's choice.
     c.rl = r = ml_collections.ConfigDict()
     r.prompts = ""  # JSON lines {"prompt": str or chat messages}: what rollouts complete.
     r.reward_fn = ""  # module:function(prompts: list[str], completions: list[str]) -> list[float] (verifiable tasks),
@@ -428,6 +428,14 @@ def _validate_rl(config: ml_collections.ConfigDict) -> None:
     if config.data.batch_size % r.minibatches:
         raise ConfigError(f"config.data.batch_size={config.data.batch_size} must split into config.rl.minibatches="
                           f"{r.minibatches} minibatches")
+    if r.max_new_tokens >= config.data.seq_len:
+        raise ConfigError(f"config.rl.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in rows of "
+                          f"config.data.seq_len={config.data.seq_len} tokens")
+    if r.kl_target > 0 and r.kl_coef == 0:
+        raise ConfigError("config.rl.kl_target adapts config.rl.kl_coef multiplicatively: start it above 0")
+    if config.finetune.method == "lora" and config.finetune.lora.dropout > 0:
+        raise ConfigError("config.finetune.lora.dropout must be 0 for PPO: the rollout's log-probabilities are taken "
+                          "without dropout, so the first update's policy ratio would not be 1")
 
 
 # Objectives trained on preference pairs (`config.data.format = "preference"`).

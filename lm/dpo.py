@@ -14,6 +14,10 @@ With the log-ratios `r_c = log pi(chosen) - log ref(chosen)`, `r_r` likewise, an
 - `ipo` (Azar et al. 2023): `(h' - 1 / (2 beta))^2` with `h'` from length-normalised log-ratios (each divided by its
   completion's trained-token count), as TRL computes it.
 
+`sft_weight` > 0 adds that times the chosen completions' mean token NLL (TRL's `loss_type=["sigmoid", "sft"]`, RPO):
+a token mean over the batch, so with `config.optim.microbatches` > 1 it is the pair-weighted mean of each
+micro-batch's token mean, not exactly the whole batch's (metric `sft_nll`).
+
 Metrics, under the names TRL logs: `rewards/chosen` and `rewards/rejected` (means of `beta r_c`, `beta r_r`),
 `rewards/accuracies` (the fraction of pairs with `beta r_c > beta r_r`), `rewards/margins` (mean of their difference),
 `logps/chosen` and `logps/rejected` (means of the policy's summed log-probabilities). Padding pairs (no trained token,
@@ -59,12 +63,8 @@ def dpo_loss(trainable, frozen, batch: dict[str, jax.Array], model: model_lib.Tr
     else:
         reference_b, _ = log_probs(frozen, reference_model, None)
     loss, metrics = preference_loss(policy_b, jax.lax.stop_gradient(reference_b), tokens_b, beta=settings.beta,
-                                    loss=settings.loss, label_smoothing=settings.label_smoothing)
-    if settings.sft_weight:
-        # TRL's "sft" loss type: the chosen completions' mean token NLL, over the batch's chosen tokens.
-        nll = -jnp.sum(policy_b[0::2]) / jnp.maximum(jnp.sum(tokens_b[0::2]), 1.0)
-        metrics["sft_nll"] = nll
-        loss = loss + settings.sft_weight * nll
+                                    loss=settings.loss, label_smoothing=settings.label_smoothing,
+                                    sft_weight=settings.sft_weight)
     metrics["weight_sum"] = metrics.pop("pairs")
     return loss, metrics
 
@@ -81,14 +81,15 @@ def sequence_log_probs(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_bt: 
 
 
 def preference_loss(policy_b: jax.Array, reference_b: jax.Array, tokens_b: jax.Array, *, beta: float,
-                    loss: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    loss: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The mean loss over the valid pairs of a batch, and the metrics of the module docstring.
 
     Args:
       policy_b, reference_b: fp32 `[2 * pairs]` summed log-probabilities of each row (`sequence_log_probs`) under
         the policy and the reference; rows `2i` chosen, `2i + 1` rejected.
       tokens_b: fp32 `[2 * pairs]` trained-token counts; a pair whose chosen row has none is padding.
-      beta, loss, label_smoothing: `config.finetune.dpo`'s (module docstring).
+      beta, loss, label_smoothing, sft_weight: `config.finetune.dpo`'s (module docstring).
 
     Returns:
       `(loss, metrics)`: fp32 scalars; `metrics["pairs"]` is the number of valid pairs (a sum; the rest are means).
@@ -120,4 +121,8 @@ def preference_loss(policy_b: jax.Array, reference_b: jax.Array, tokens_b: jax.A
         "logps/rejected": mean(jax.lax.stop_gradient(policy_p2[:, 1])),
         "pairs": pairs,
     }
+    if sft_weight:  # TRL's "sft" loss term: the mean token NLL over the batch's chosen completions.
+        metrics["sft_nll"] = -jnp.sum(jnp.where(valid_p > 0, policy_p2[:, 0], 0.0)) / jnp.maximum(
+            jnp.sum(tokens_p2[:, 0]), 1.0)
+        return mean(losses_p) + sft_weight * metrics["sft_nll"], metrics
     return mean(losses_p), metrics

@@ -126,8 +126,9 @@ class Evaluator:
         if self._preference:
             if self.config.finetune.objective != "dpo":
                 reference = {}
-            elif reference is None:
-                reference = peft.split(params)[0]
+            elif reference is None:  # A PEFT run's base; nothing when the batches carry the reference's numbers.
+                runs_reference = peft.is_peft(self.config) or peft.runs_reference_model(self.config)
+                reference = peft.split(params)[0] if runs_reference else {}
             return self._preference_metrics(params, reference)
         config = self.config
         iterator = pipeline.make_eval_iterator(config, tokenizer=self.tokenizer, split=self.split)

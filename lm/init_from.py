@@ -14,8 +14,8 @@ resumes from them; `init_from` then only has to name the same model.
 A PEFT run (`config.finetune.method` lora, prefix or loreft; `lm.peft`) keeps its source as a frozen base that
 its checkpoints point to: the source must be an lm workdir (import a Hugging Face model first) whose run has no
 adapters itself, and `init_from` is pinned to `ABSOLUTE_DIR:STEP`, so the adapters are always read back onto the
-weights they were trained on (`lm.checkpoint.restore`). A DPO run's source is also its reference model, read on
-every start, so it is pinned the same way.
+weights they were trained on (`lm.checkpoint.restore`). A DPO or PPO run's source is also its reference model, read
+on every start, so it is pinned the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import ml_collections
 from lm import checkpoint
 from lm import config as lm_config
 from lm import peft
+from lm import sharding as sharding_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import ConfigError
 
@@ -78,18 +79,21 @@ def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.Confi
         resolved.data.tokenizer.path = directory
     if kind == "hf":
         architectures.check_sliding_window(hf_config, resolved, os.path.join(directory, "config.json"))
-    if adapted or (config.finetune.objective == "dpo" and kind == "lm"):  # The base or reference, read every start.
+    if adapted or (config.finetune.objective in ("dpo", "ppo") and kind == "lm"):  # Read again every start.
         step = checkpoint.kept_steps(directory)[-1] if step is None else step
         resolved.init_from = f"{os.path.abspath(directory)}:{step}"
     return lm_config.validate(resolved)
 
 
 def initial_params(config: ml_collections.ConfigDict, shardings):
-    """The parameters of `config.init_from`, in `config.model.param_dtype`, placed by `shardings.params` (a PEFT
-    run: its frozen base, placed by `shardings.frozen`)."""
+    """The parameters of `config.init_from`, in `config.model.param_dtype`, placed on `shardings.mesh` by the
+    config's rules: the base model's tree, without adapters or a scalar head (`lm.peft.base_config`), which a run
+    adds itself (a PEFT run's adapters; `Training.state_from`'s new head)."""
     kind, directory, step = _source(config.init_from)
+    base = peft.base_config(config)
     if kind == "lm":
-        return checkpoint.restore(directory, step, shardings.mesh, config=peft.base_config(config)).params
+        return checkpoint.restore(directory, step, shardings.mesh, config=base).params
     from lm.hf import weights
 
-    return weights.load_params(weights.SafetensorsReader(directory), config, shardings)
+    return weights.load_params(weights.SafetensorsReader(directory), base,
+                               sharding_lib.model_shardings(base, shardings.mesh))

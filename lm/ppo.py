@@ -39,6 +39,7 @@ from lm import loss as loss_lib
 from lm import model as model_lib
 from lm import objective
 from lm import peft
+from lm import reward
 
 KL_ESTIMATORS = ("k1", "k3")  # TRL's `PPOConfig.kl_estimator` values (http://joschu.net/blog/kl-approx.html).
 
@@ -58,9 +59,9 @@ def masked_mean(x_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     return jnp.sum(mask_bt * _masked(x_bt, mask_bt)) / jnp.where(total > 0, total, 1.0)
 
 
-def masked_whiten(x_bt: jax.Array, mask_bt: jax.Array, shift_mean: bool = True) -> jax.Array:
+def masked_whiten(x_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     """TRL's `masked_whiten`: `(x - mean) / sqrt(var + 1e-8)` with the masked mean and the unbiased (Bessel-corrected)
-    masked variance; with `shift_mean=False` the mean is added back (only the scale changes, as TRL does for rewards).
+    masked variance (what TRL does to the advantages; its optional whitening of rewards is not offered here).
 
     Every entry is transformed, inside the mask or not (as in TRL): zero the outside with `mask_bt` where it matters.
     With fewer than two masked tokens the biased variance is used (TRL raises or divides by zero).
@@ -70,7 +71,7 @@ def masked_whiten(x_bt: jax.Array, mask_bt: jax.Array, shift_mean: bool = True) 
     count = jnp.sum(mask_bt)
     variance = masked_mean(jnp.square(x_bt - mean), mask_bt) * jnp.where(count > 1, count / (count - 1), 1.0)
     whitened_bt = (x_bt - mean) * lax.rsqrt(variance + 1e-8)
-    return whitened_bt if shift_mean else whitened_bt + mean
+    return whitened_bt
 
 
 def kl_per_token(log_prob_bt: jax.Array, ref_log_prob_bt: jax.Array, estimator: str = "k1") -> jax.Array:
@@ -97,10 +98,8 @@ def token_rewards(score_b: jax.Array, kl_bt: jax.Array, mask_bt: jax.Array, kl_c
     `kl_coef` may be a traced scalar (the adaptive coefficient).
     """
     valid_bt = jnp.asarray(mask_bt) > 0
-    length = valid_bt.shape[1]
-    # Index of the last valid position: the first valid one of the reversed row.
-    last_b = length - 1 - jnp.argmax(valid_bt[:, ::-1], axis=1)
-    is_last_bt = (jnp.arange(length)[None, :] == last_b[:, None]) & jnp.any(valid_bt, axis=1, keepdims=True)
+    last_b = reward.last_trained_position(valid_bt)  # Where a reward model reads its score, too.
+    is_last_bt = (jnp.arange(valid_bt.shape[1])[None, :] == last_b[:, None]) & jnp.any(valid_bt, axis=1, keepdims=True)
     rewards_bt = -jnp.asarray(kl_coef, _F32) * _masked(kl_bt, mask_bt)
     return rewards_bt + jnp.where(is_last_bt, jnp.asarray(score_b, _F32)[:, None], 0.0)
 
@@ -210,16 +209,20 @@ ROLLOUT_FEATURES = ("old_log_probs", "old_values", "advantages", "returns")
 
 
 def policy_log_probs_and_values(params, batch: dict[str, jax.Array], model: model_lib.Transformer,
-                                config: ml_collections.ConfigDict, rng: jax.Array | None = None):
+                                config: ml_collections.ConfigDict, rng: jax.Array | None = None,
+                                entropy: bool = False):
     """`(log_prob_bt, value_bt, entropy_bt)`, fp32 `[b, t]`, of a policy with a value head on rows of
     `inputs`/`targets`: the log-probability of each target at `config.rl.temperature` (the distribution the rollout
-    sampled from), the value head at each position, and the entropy (a metric: no gradient). All blockwise over the
-    vocabulary (`lm.loss`)."""
+    sampled from), the value head at each position, and with `entropy` the entropy (a metric: no gradient; else
+    None, and no pass over the vocabulary for it). All blockwise over the vocabulary (`lm.loss`)."""
     head = lambda module: (module.output_kernel(), module.scalar_weights())
     hidden_btd, (kernel_dv, scalar_head) = objective.batch_hidden_and_head(params, batch, model, rng, head=head)
     log_prob_bt = tempered_log_probs(hidden_btd, kernel_dv, batch["targets"], config)
-    entropy_bt = loss_lib.token_entropies(_tempered(hidden_btd, config), kernel_dv, chunk_size=config.loss.chunk_size,
-                                          logit_softcap=config.model.logit_softcap)
+    entropy_bt = None
+    if entropy:
+        entropy_bt = loss_lib.token_entropies(_tempered(hidden_btd, config), kernel_dv,
+                                              chunk_size=config.loss.chunk_size,
+                                              logit_softcap=config.model.logit_softcap)
     return log_prob_bt, model_lib.scalar_values(hidden_btd, scalar_head), entropy_bt
 
 
@@ -242,17 +245,15 @@ def ppo_loss(trainable, frozen, batch: dict[str, jax.Array], model: model_lib.Tr
              config: ml_collections.ConfigDict, rng: jax.Array | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`policy loss + config.rl.vf_coef * value loss` of the policy `peft.combine(frozen, trainable)` on a minibatch
-    (`ROLLOUT_FEATURES` beside the rows): `(loss, aux)`, aux the metrics `policy_loss`, `value_loss`, `entropy`,
-    TRL's `policy/clipfrac`, `policy/approxkl`, `val/ratio`, `val/clipfrac`, and `weight_sum` (response tokens: the
+    (`ROLLOUT_FEATURES` beside the rows): `(loss, aux)`, aux the metrics `policy_loss`, `value_loss`, TRL's `policy/clipfrac`, `policy/approxkl`, `val/ratio`, `val/clipfrac`, and `weight_sum` (response tokens: the
     losses are means over them, so micro-batches accumulate exactly)."""
     settings = config.rl
-    log_prob_bt, value_bt, entropy_bt = policy_log_probs_and_values(peft.combine(frozen, trainable), batch, model,
-                                                                    config, rng)
+    log_prob_bt, value_bt, _ = policy_log_probs_and_values(peft.combine(frozen, trainable), batch, model, config,
+                                                           rng)
     mask_bt = batch["weights"]
     pg_loss, pg_metrics = policy_loss(log_prob_bt, batch["old_log_probs"], batch["advantages"], mask_bt,
                                       settings.clip_range)
     vf_loss, vf_metrics = value_loss(value_bt, batch["old_values"], batch["returns"], mask_bt,
                                      settings.clip_range_value)
-    metrics = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": masked_mean(entropy_bt, mask_bt),
-               **pg_metrics, **vf_metrics, "weight_sum": jnp.sum(jnp.asarray(mask_bt, _F32))}
+    metrics = {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_metrics, **vf_metrics, "weight_sum": jnp.sum(jnp.asarray(mask_bt, _F32))}
     return pg_loss + settings.vf_coef * vf_loss, metrics

@@ -31,6 +31,7 @@ from lm import dpo
 from lm import init_from as init_from_lib
 from lm import model as model_lib
 from lm import objective
+from lm import paths
 from lm import peft
 from lm import sharding as sharding_lib
 from lm.data import packing, preference, sft, text_files, tokenizer_training
@@ -103,12 +104,11 @@ def precompute(config: ml_collections.ConfigDict, output_dir: str) -> int:
             relative = path[len(spec.root):].lstrip("/")
             out_path = os.path.join(output_dir, relative)
             os.makedirs(os.path.dirname(out_path), exist_ok=True)
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
             scored_lines = by_file.get(relative, {})
-            with open(out_path, "w", encoding="utf-8") as f:
-                for line_no, line in enumerate(lines, 1):  # Blank lines kept: the line numbers are the keys.
-                    f.write((json.dumps(scored_lines[line_no]) if line_no in scored_lines else line) + "\n")
+            with open(path, encoding="utf-8") as f:  # Lines as `lm.data.sft` numbers them: split on newlines only.
+                lines = [json.dumps(scored_lines[line_no]) + "\n" if line_no in scored_lines else line
+                         for line_no, line in enumerate(f, 1)]  # Blank lines kept: the line numbers are the keys.
+            paths.write_atomic(paths.resolve(out_path), "".join(lines))
     return len(records)
 
 

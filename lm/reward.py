@@ -6,7 +6,7 @@ Bradley-Terry model, `P(chosen > rejected) = sigmoid(r_c - r_r)` (`config.finetu
       ─▶ `-log sigmoid(r_c - r_r)` (+ `center_coef * mean((r_c + r_r)^2)`, TRL's `center_rewards_coefficient`)
 
 A row's score is read where the model predicts the row's last trained token (a completion's EOS): the hidden state
-that has read the prompt and the whole completion. PPO (`lm.rl`) scores its rollouts the same way (`sequence_scores`
+that has read the prompt and the completion's text, up to its EOS. PPO (`lm.rl`) scores its rollouts the same way (`sequence_scores`
 on rows whose trained tokens are the response). The head starts at 0, so every pair starts at loss log 2.
 
 Metrics, under the names TRL's `RewardTrainer` logs: `accuracy` (the fraction of pairs with `r_c > r_r`: the pairwise

@@ -23,7 +23,9 @@ Metrics per step (`metrics.jsonl`, TensorBoard): `reward` (the mean score), `kl`
 per-token KL to the reference, TRL's `objective/kl`), `kl_coef`, `non_score_reward` (mean summed `-kl_coef * kl`),
 `entropy` (mean per-token entropy of the rollout policy), `response_length`, and the updates' means: `loss`,
 `policy_loss`, `value_loss`, `policy/clipfrac`, `policy/approxkl`, `val/ratio`, `val/clipfrac`, `grad_norm`,
-`learning_rate`; `rollout_time` and `update_time` in seconds.
+`learning_rate`, `skipped_updates` (non-finite ones, dropped: `lm.optim`); `rollout_time` and `update_time` in seconds,
+and `tokens_per_sec` (the rollouts' prompt and response tokens over the whole step's time). Updates with a non-finite
+gradient are skipped; `config.max_consecutive_skips` of them in a row stop the run before anything is saved.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import time
 
 import flax
@@ -58,6 +59,8 @@ from lm import train as train_lib
 from lm import train_step as train_step_lib
 from lm import workdir as workdir_lib
 from lm.data import chat, sft, tokenizer_training
+from lm.data import tokenizer as tokenizer_lib
+from lm.data.pipeline import pad_id_of
 from lm.errors import ConfigError, NonFiniteError, RecordError
 
 
@@ -77,13 +80,15 @@ class RlState:
 
 def read_prompts(config: ml_collections.ConfigDict, tokenizer) -> tuple[list[str], list[list[int]]]:
     """`(texts, ids)` of the prompts in `config.rl.prompts`: a string is `[BOS] prompt` as SFT records start; chat
-    messages are rendered by the chat template up to the assistant's turn. A bad record, or a prompt too long for
-    `config.data.seq_len + 1 - config.rl.max_new_tokens` tokens, is one line naming FILE:LINE."""
+    messages are rendered by the chat template up to the assistant's turn. A bad record, or a prompt longer than
+    `config.data.seq_len - config.rl.max_new_tokens` tokens (a row holds the prompt, the response and, after a
+    response cut short, the EOS a reward model reads), is one line naming FILE:LINE."""
     template, add_bos = sft.chat_template(config, tokenizer)
-    limit = config.data.seq_len + 1 - config.rl.max_new_tokens
+    limit = config.data.seq_len - config.rl.max_new_tokens
     texts, ids = [], []
     try:
-        lines = open(config.rl.prompts).read().splitlines()
+        with open(config.rl.prompts, encoding="utf-8") as f:
+            lines = list(f)  # Split as lm.data.sft numbers records' lines: on newlines only.
     except OSError as error:
         raise ConfigError(f"config.rl.prompts={config.rl.prompts!r} cannot be read ({error.strerror})") from None
     for number, line in enumerate(lines, 1):
@@ -95,14 +100,14 @@ def read_prompts(config: ml_collections.ConfigDict, tokenizer) -> tuple[list[str
         except (json.JSONDecodeError, AttributeError):
             raise RecordError(f"{where}: a prompt record must be a JSON object {{\"prompt\": ...}}") from None
         if isinstance(prompt, list):
-            sft._check_messages(prompt, "'prompt'", f"{where}: a prompt record", ends_with_assistant=False)
+            sft.check_messages(prompt, "'prompt'", f"{where}: a prompt record", ends_with_assistant=False)
             prompt = chat.render(template, prompt, tokenizer.special_tokens(), add_generation_prompt=True)
         elif not isinstance(prompt, str) or not prompt:
             raise RecordError(f"{where}: a prompt record needs 'prompt', a non-empty string or chat messages")
         tokens = ([tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
         if len(tokens) > limit:
             raise RecordError(f"{where}: the prompt has {len(tokens)} tokens; with config.rl.max_new_tokens="
-                              f"{config.rl.max_new_tokens} rows hold at most {limit} (config.data.seq_len + 1 - "
+                              f"{config.rl.max_new_tokens} rows hold at most {limit} (config.data.seq_len - "
                               f"max_new_tokens)")
         texts.append(prompt)
         ids.append(tokens)
@@ -138,10 +143,12 @@ def reward_function(spec: str):
 
 
 class _Scorer:
-    """Scores a rollout batch: `config.rl.reward_fn` on the texts, or the reward model on the rows."""
+    """Scores a rollout batch: `config.rl.reward_fn` on the texts, or the reward model on the token rows."""
 
-    def __init__(self, config: ml_collections.ConfigDict, shardings: sharding_lib.Shardings):
+    def __init__(self, config: ml_collections.ConfigDict, shardings: sharding_lib.Shardings, tokenizer):
         self.function = reward_function(config.rl.reward_fn) if config.rl.reward_fn else None
+        self.seq_len, self.batch_sharding = config.data.seq_len, shardings.batch
+        self.eos_id, self.pad_id = tokenizer.eos_id, pad_id_of(tokenizer)
         if self.function is not None:
             return
         restored = checkpoint.restore(config.rl.reward_model, mesh=shardings.mesh)
@@ -152,6 +159,9 @@ class _Scorer:
             raise ConfigError(f"config.rl.reward_model={config.rl.reward_model!r} has vocab_size "
                               f"{restored.config.model.vocab_size}, the policy {config.model.vocab_size}: they must "
                               f"share the tokenizer")
+        if restored.config.model.max_seq_len < config.data.seq_len:
+            raise ConfigError(f"config.rl.reward_model={config.rl.reward_model!r} has max_seq_len "
+                              f"{restored.config.model.max_seq_len}, below config.data.seq_len={config.data.seq_len}")
         self.params = restored.params
         rm_model = model_lib.build(restored.config)
         rm_shardings = restored.shardings
@@ -160,10 +170,18 @@ class _Scorer:
             with rm_shardings.activation_rules():
                 return reward.sequence_scores(params, rows, rm_model)
 
-        self._score = jax.jit(score, in_shardings=(rm_shardings.params, shardings.batch))
+        self._score = jax.jit(score, in_shardings=(rm_shardings.params, shardings.batch),
+                              out_shardings=shardings.replicated)  # Every process reads every score.
 
-    def __call__(self, prompt_texts: list[str], completion_texts: list[str], rows) -> np.ndarray:
+    def __call__(self, prompt_texts: list[str], completion_texts: list[str], prompts: list[list[int]],
+                 responses: list[list[int]]) -> np.ndarray:
+        """fp32 `[rows]` scores of the responses to the prompts (texts for a function, ids for a reward model)."""
         if self.function is None:
+            # A reward model scores where it predicts a completion's last token, its EOS (`lm.reward`): a response
+            # cut short at max_new_tokens gets one, so that the score has read all of it.
+            ended = [r if r and r[-1] == self.eos_id else r + [self.eos_id] for r in responses]
+            rows = rollout_rows(prompts, ended, self.seq_len, self.pad_id)
+            rows = {name: sharding_lib.from_host(array, self.batch_sharding) for name, array in rows.items()}
             return np.asarray(jax.device_get(self._score(self.params, rows)), np.float32)
         scores = np.asarray(self.function(prompt_texts, completion_texts), np.float64)
         if scores.shape != (len(completion_texts),) or not np.all(np.isfinite(scores)):
@@ -183,7 +201,7 @@ def make_prepare(config: ml_collections.ConfigDict, model: model_lib.Transformer
     def prepare(trainable, frozen, rows, score_b, kl_coef):
         with shardings.activation_rules():
             log_prob_bt, value_bt, entropy_bt = ppo.policy_log_probs_and_values(
-                peft.combine(frozen, trainable), rows, model, config)
+                peft.combine(frozen, trainable), rows, model, config, entropy=True)
             hidden_btd, kernel_dv = objective.batch_hidden_and_head(frozen, rows, reference_model)
             ref_log_prob_bt = ppo.tempered_log_probs(hidden_btd, kernel_dv, rows["targets"], config)
         mask_bt = rows["weights"]
@@ -191,8 +209,8 @@ def make_prepare(config: ml_collections.ConfigDict, model: model_lib.Transformer
         rewards_bt = ppo.token_rewards(score_b, kl_bt, mask_bt, kl_coef)
         advantages_bt, returns_bt = ppo.gae(rewards_bt, value_bt, mask_bt, settings.gamma, settings.lam)
         advantages_bt = jnp.where(mask_bt > 0, ppo.masked_whiten(advantages_bt, mask_bt), 0.0)
-        features = {"old_log_probs": jnp.where(mask_bt > 0, log_prob_bt, 0.0), "old_values": value_bt,
-                    "advantages": advantages_bt, "returns": returns_bt}
+        features = dict(zip(ppo.ROLLOUT_FEATURES, (jnp.where(mask_bt > 0, log_prob_bt, 0.0), value_bt,
+                                                   advantages_bt, returns_bt)))
         kl_b = jnp.sum(kl_bt, axis=1)
         stats = {"reward": jnp.mean(score_b), "kl": jnp.mean(kl_b), "non_score_reward": -kl_coef * jnp.mean(kl_b),
                  "entropy": ppo.masked_mean(entropy_bt, mask_bt), "response_length": jnp.mean(jnp.sum(mask_bt, 1))}
@@ -214,6 +232,7 @@ def update_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     updates = config.rl.epochs * config.rl.minibatches
     resolved = config.copy_and_resolve_references()
     resolved.data.batch_size = config.data.batch_size // config.rl.minibatches
+    resolved.rl.minibatches = 1  # Checked on the rollout batch already; the update config is one minibatch.
     resolved.total_steps = config.total_steps * updates
     resolved.optim.warmup_steps = config.optim.warmup_steps * updates
     return resolved
@@ -236,14 +255,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if not config.data.tokenizer.path:
         raise ConfigError("config.finetune.objective='ppo' needs the policy's tokenizer: config.init_from's, or "
                           "config.data.tokenizer.path")
-    tokenizer = tokenizer_training.get_or_train(config, None, workdir=None)
+    tokenizer = tokenizer_training.get_or_train(config, None)
     prompt_texts, prompt_ids = read_prompts(config, tokenizer)
-    scorer = _Scorer(config, shardings)
+    scorer = _Scorer(config, shardings, tokenizer)
     settings, rows_per_step = config.rl, config.data.batch_size
-    pad_id = 0 if tokenizer.pad_id is None else tokenizer.pad_id
+    pad_id = pad_id_of(tokenizer)
     with contextlib.ExitStack() as resources:
         resources.enter_context(workdir_lib.WorkdirLock(workdir))
         lm_config.check_same_model(workdir, config)
+        if jax.process_index() == 0 and not tokenizer_lib.in_workdir(workdir):
+            tokenizer.save(workdir)  # lm.generate, lm.evaluate and lm.hf export read it from the workdir.
         checkpoints = resources.enter_context(contextlib.closing(checkpoint.manager(workdir, config.keep_checkpoints)))
         abstract = training.abstract_state()
         abstract = RlState(step=abstract.step, params=abstract.params, opt_state=abstract.opt_state,
@@ -283,9 +304,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             host_rows = rollout_rows(prompts, responses, config.data.seq_len, pad_id)
             rows = {name: sharding_lib.from_host(array, shardings.batch) for name, array in host_rows.items()}
             completions = [tokenizer.decode([t for t in r if t != tokenizer.eos_id]) for r in responses]
-            score_b = scorer([prompt_texts[i] for i in chosen], completions, rows)
-            features, stats = prepare(state.params, frozen, rows, sharding_lib.from_host(score_b, _row_sharding(shardings)),
-                                      state.kl_coef)
+            score_b = scorer([prompt_texts[i] for i in chosen], completions, prompts, responses)
+            features, stats = prepare(state.params, frozen, rows,
+                                      sharding_lib.from_host(score_b, _row_sharding(shardings)), state.kl_coef)
             batch = {**rows, **features}
             rollout_time = time.perf_counter() - started
             train_state, sums = state.train_state(), None
@@ -295,6 +316,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     train_state, metrics = step_fn(train_state, select(batch, order[start:start + minibatch_rows]),
                                                    frozen)
                     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+                    _check_finite(step, metrics, config)
             kl_coef = state.kl_coef
             if settings.kl_target > 0:
                 kl_coef = ppo.adaptive_kl_coef(kl_coef, stats["kl"], settings.kl_target, settings.kl_horizon,
@@ -302,22 +324,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             state = RlState(step=train_state.step, params=train_state.params, opt_state=train_state.opt_state,
                             kl_coef=kl_coef)
             updates = settings.epochs * settings.minibatches
-            last = {name: float(value) / updates for name, value in jax.device_get(sums).items()
+            sums = jax.device_get(sums)
+            last = {name: float(value) / updates for name, value in sums.items()
                     if name not in ("tokens", "skipped", "consecutive_skips", "skipped_total")}
             last.update({name: float(value) for name, value in jax.device_get(stats).items()})
-            last.update(kl_coef=float(kl_coef), rollout_time=rollout_time,
-                        update_time=time.perf_counter() - started - rollout_time)
+            step_time = time.perf_counter() - started
+            tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+            last.update(kl_coef=float(kl_coef), skipped_updates=float(sums["skipped"]), rollout_time=rollout_time,
+                        update_time=step_time - rollout_time, tokens_per_sec=tokens / step_time)
             if step % config.log_every == 0 or step == config.total_steps:
                 writer.write(step, last)
                 _log(f"step {step}: reward {last['reward']:.4f}, kl {last['kl']:.4f} (coef {last['kl_coef']:.4f}), "
                      f"clipfrac {last['policy/clipfrac']:.3f}, value loss {last['value_loss']:.4f}, "
                      f"entropy {last['entropy']:.3f}")
-            if not math.isfinite(last["loss"]):
-                raise NonFiniteError(f"step {step}: the PPO loss is not finite")
             if step % config.checkpoint_every == 0 or step == config.total_steps:
                 checkpoint.save(checkpoints, step, state, None, config)
         checkpoints.wait_until_finished()
     return last
+
+
+def _check_finite(step: int, metrics: dict, config: ml_collections.ConfigDict) -> None:
+    """Stops the run after `config.max_consecutive_skips` updates in a row with a non-finite loss or gradient (each
+    was skipped: `lm.optim`), before optax would give up and apply one; nothing of this step is saved."""
+    consecutive = int(metrics["consecutive_skips"])  # Waits for this update: PPO's updates are few per step.
+    if consecutive >= config.max_consecutive_skips:
+        raise NonFiniteError(f"step {step}: {consecutive} consecutive PPO updates had a non-finite loss or gradient "
+                             f"norm (config.max_consecutive_skips={config.max_consecutive_skips}); the last "
+                             f"checkpoint is the last good state")
 
 
 def define_flags() -> None:

@@ -64,8 +64,9 @@ class Training:
 
     def state_from(self, params) -> TrainState:
         """A fresh train state (step 0, new optimizer state) around `params` placed by `shardings.trainable` (full
-        fine-tuning from `config.init_from`; a PEFT run starts new adapters with `init_state`). A scalar head the
-        source does not have (a reward or value model's, `lm.model`) starts at its initialisation, zeros."""
+        fine-tuning from `config.init_from`; a PEFT run starts new adapters with `init_state`). `params` is a base
+        model's tree (`lm.init_from.initial_params`), so a reward or value model's scalar head (`lm.model`) is added
+        here at its initialisation, zeros."""
         new_heads = peft.split(self.shardings.abstract_trainable)[1]
 
         def init(params):

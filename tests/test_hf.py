@@ -412,6 +412,27 @@ def test_training_starts_from_an_imported_model_or_a_hugging_face_directory(llam
         assert 0 < distance < 5e-3, distance
 
 
+def test_a_reward_model_starts_from_a_hugging_face_directory(llama_dir, tmp_path):
+    """The source has no scalar head: the trunk is read from it and the new head starts at 0 (`lm.reward`)."""
+    from lm import train as train_lib
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Der {i}", "chosen": " schnelle", "rejected": " langsame"}) + "\n"
+                             for i in range(8)))
+    config = lm_config.base_config()
+    config.data.update(source="files", files=str(pairs), format="preference", seq_len=16, batch_size=8,
+                       eval_split="train")
+    config.finetune.objective = "reward"
+    config.update(init_from=str(llama_dir), total_steps=1, log_every=1, eval_every=1, eval_steps=1,
+                  checkpoint_every=1)
+    last = train_lib.train(config, str(tmp_path / "reward_model"))
+    assert last["pairs"] == 4 and last["eval_pairs"] == 4  # 8 rows: 4 pairs.
+    trained = checkpoint.restore(str(tmp_path / "reward_model"))
+    assert trained.params["scalar_head"].shape == (trained.config.model.d_model,)
+    with pytest.raises(lm_errors.CheckpointError, match="is a reward model"):
+        convert.export_checkpoint(str(tmp_path / "reward_model"), str(tmp_path / "exported"))
+
+
 def edited_copy(directory, destination, **changes):
     """A copy of the model directory with `config.json` fields changed."""
     import shutil

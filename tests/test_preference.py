@@ -157,6 +157,15 @@ def test_dpo_loss_and_metrics_equal_the_formula(label_smoothing):
     np.testing.assert_allclose(metrics["logps/rejected"], POLICY[1::2].mean(), rtol=1e-6)
 
 
+def test_the_sft_term_adds_the_chosen_completions_mean_token_nll():
+    plain, _ = dpo.preference_loss(jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(TOKENS), beta=0.1)
+    loss, metrics = dpo.preference_loss(jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(TOKENS), beta=0.1,
+                                        sft_weight=0.5)
+    nll = -(-3.0 - 7.5 - 2.0) / (3.0 + 2.0 + 6.0)  # Chosen rows' summed log-probs over their tokens.
+    np.testing.assert_allclose(metrics["sft_nll"], nll, rtol=1e-6)
+    np.testing.assert_allclose(loss, plain + 0.5 * nll, rtol=1e-6)
+
+
 def test_ipo_loss_uses_length_normalised_log_ratios():
     beta = 0.5
     loss, _ = dpo.preference_loss(jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(TOKENS), beta=beta,
@@ -286,6 +295,11 @@ def test_reference_log_probs_precomputed_with_the_data_train_like_the_reference_
     for a, b in zip(expected, got):  # The same sequences, scored by the same weights in another program.
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5)
+    # lm.evaluate reads such a run without a reference too.
+    restored = checkpoint.restore(from_data)
+    _, results = next(evaluate_lib.evaluate_checkpoints(from_data, [None], restored.config))
+    assert results["loss"] == pytest.approx([line for line in _metric_lines(from_data) if "eval_loss" in line][-1][
+        "eval_loss"], rel=1e-6)
     # No reference copy is held and no reference forward counted.
     resolved = init_from_lib.with_source_model(precomputed)
     assert train_step_lib.build(resolved).shardings.frozen == {}

@@ -14,6 +14,7 @@ from lm import checkpoint
 from lm import rl
 from lm import train as train_lib
 from lm.bench import rlhf
+from lm.data import tokenizer as tokenizer_lib
 from lm.errors import ConfigError, RecordError
 
 
@@ -85,18 +86,26 @@ def test_ppo_resumes_bitwise_equal_to_an_uninterrupted_run(task, tmp_path):
     finally:
         train_lib._faults.fail_at_step = None
     rl.train(config, resumed)
-    drop_times = lambda lines: [{k: v for k, v in line.items() if not k.endswith("_time")} for line in lines]
+    drop_times = lambda lines: [{k: v for k, v in line.items() if not k.endswith(("_time", "_per_sec"))}
+                                for line in lines]
     assert drop_times(_metric_lines(straight)) == drop_times(_metric_lines(resumed))
     a, b = checkpoint.restore(straight), checkpoint.restore(resumed)
     assert a.step == b.step == 3
+    assert tokenizer_lib.in_workdir(straight)  # lm.generate, lm.evaluate and exports read it there.
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_ppo_scored_by_a_reward_model_raises_its_score(task, reward_model, tmp_path):
-    rl.train(_ppo_config(task, total_steps=8, **{"rl.reward_fn": "", "rl.reward_model": reward_model}),
-             str(tmp_path / "ppo"))
-    rewards = [line["reward"] for line in _metric_lines(tmp_path / "ppo")]
+def test_ppo_scored_by_a_reward_model_raises_its_score(task, reward_model, tmp_path, run_lm):
+    files, base, _, _ = task
+    workdir = str(tmp_path / "ppo")
+    # The program as a user runs it (one device): configs/tiny.py with the task's settings.
+    run_lm("lm.rl", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.init_from={base}",
+           "--config.finetune.objective=ppo", f"--config.rl.prompts={files['prompts']}",
+           f"--config.rl.reward_model={reward_model}", "--config.rl.max_new_tokens=8", "--config.data.seq_len=32",
+           "--config.data.batch_size=32", "--config.loss.chunk_size=128", "--config.optim.warmup_steps=0",
+           "--config.optim.learning_rate=1e-3", "--config.total_steps=8", "--config.log_every=1")
+    rewards = [line["reward"] for line in _metric_lines(workdir)]
     assert np.mean(rewards[-2:]) > rewards[0] + 0.5
 
 
@@ -104,6 +113,10 @@ def test_bad_ppo_settings_are_one_line_before_any_rollout(task, tmp_path):
     base = task[1]
     with pytest.raises(ConfigError, match="exactly one"):
         _ppo_config(task, **{"rl.reward_model": base})
+    with pytest.raises(ConfigError, match="batch_size=32 must split into config.rl.minibatches=3"):
+        _ppo_config(task, **{"rl.minibatches": 3})
+    with pytest.raises(ConfigError, match="kl_target adapts"):
+        _ppo_config(task, **{"rl.kl_coef": 0.0})
     with pytest.raises(ConfigError, match="is a run with finetune.objective='sft', not a reward model"):
         rl.train(_ppo_config(task, **{"rl.reward_fn": "", "rl.reward_model": base}),
                  str(tmp_path / "not_a_reward_model"))

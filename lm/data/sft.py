@@ -78,7 +78,7 @@ def _check(fields, key: str, data_format: str, reference_log_probs: bool = False
     if data_format == "prompt_completion":
         _check_strings(fields, ("prompt", "completion"), where)
     elif data_format == "chat":
-        _check_messages(fields.get("messages"), "'messages'", where, ends_with_assistant=True)
+        check_messages(fields.get("messages"), "'messages'", where, ends_with_assistant=True)
     else:
         _check_preference(fields, where)
         if reference_log_probs:
@@ -100,7 +100,7 @@ def _check_strings(fields: dict, names: tuple[str, ...], where: str) -> None:
         raise RecordError(f"{where} has an empty {names[-1]!r}: nothing to train on")
 
 
-def _check_messages(messages, name: str, where: str, ends_with_assistant: bool) -> None:
+def check_messages(messages, name: str, where: str, ends_with_assistant: bool) -> None:
     """A non-empty list of `{"role", "content"}` messages; `name`: the field, named in errors unless `messages`."""
     of = "" if name == "'messages'" else f" of {name}"
     if not isinstance(messages, list) or not messages:
@@ -124,9 +124,9 @@ def _check_preference(fields: dict, where: str) -> None:
         _check_strings(fields, ("prompt", "chosen"), where)
         _check_strings(fields, ("prompt", "rejected"), where)
     else:
-        _check_messages(fields["prompt"], "'prompt'", where, ends_with_assistant=False)
+        check_messages(fields["prompt"], "'prompt'", where, ends_with_assistant=False)
         for name in ("chosen", "rejected"):
-            _check_messages(fields[name], repr(name), where, ends_with_assistant=True)
+            check_messages(fields[name], repr(name), where, ends_with_assistant=True)
     if fields["chosen"] == fields["rejected"]:
         raise RecordError(f"{where} has 'chosen' identical to 'rejected': the pair prefers nothing")
 

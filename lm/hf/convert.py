@@ -135,6 +135,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None,
     (module docstring); returns the weight files written. Refuses an `out` that exists and is not empty."""
     _check_out(out)
     config = lm_config.read_config(workdir)
+    _refuse_reward_model(workdir, config)
     if peft.is_peft(config) and config.finetune.method != "lora":
         raise CheckpointError(f"{workdir} holds {config.finetune.method} adapters, which cannot be merged into the "
                               f"base's weights: only LoRA runs export as a Hugging Face model")
@@ -163,11 +164,19 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None,
     return files
 
 
+def _refuse_reward_model(workdir: str, config) -> None:
+    """A reward model is a sequence classifier (its scalar head), not the causal LM an export writes."""
+    if config.finetune.objective == "reward":
+        raise CheckpointError(f"{workdir} is a reward model (finetune.objective='reward'): exports write causal LMs, "
+                              f"and its scalar head would be lost")
+
+
 def export_adapter(workdir: str, out: str, step: int | None = None) -> list[str]:
     """Writes the adapters of LoRA run `workdir` (checkpoint `step`, default the latest) into `out` in PEFT's format
     (module docstring); returns the files written."""
     _check_out(out)
     config = lm_config.read_config(workdir)
+    _refuse_reward_model(workdir, config)
     if config.finetune.method != "lora":
         raise CheckpointError(f"{workdir} is a {config.finetune.method} run; PEFT adapters are exported from LoRA runs")
     architecture = architectures.architecture_for(config)
