@@ -61,7 +61,7 @@ from lm import workdir as workdir_lib
 from lm.data import chat, sft, tokenizer_training
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.pipeline import pad_id_of
-from lm.errors import ConfigError, NonFiniteError, RecordError
+from lm.errors import ConfigError, RecordError
 
 
 @flax.struct.dataclass
@@ -316,7 +316,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     train_state, metrics = step_fn(train_state, select(batch, order[start:start + minibatch_rows]),
                                                    frozen)
                     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-                    _check_finite(step, metrics, config)
+                    # Waits for this update (PPO's updates are few per step): stop before optax applies a bad one.
+                    train_lib.check_finite(step, metrics, config, checkpoints)
             kl_coef = state.kl_coef
             if settings.kl_target > 0:
                 kl_coef = ppo.adaptive_kl_coef(kl_coef, stats["kl"], settings.kl_target, settings.kl_horizon,
@@ -341,16 +342,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 checkpoint.save(checkpoints, step, state, None, config)
         checkpoints.wait_until_finished()
     return last
-
-
-def _check_finite(step: int, metrics: dict, config: ml_collections.ConfigDict) -> None:
-    """Stops the run after `config.max_consecutive_skips` updates in a row with a non-finite loss or gradient (each
-    was skipped: `lm.optim`), before optax would give up and apply one; nothing of this step is saved."""
-    consecutive = int(metrics["consecutive_skips"])  # Waits for this update: PPO's updates are few per step.
-    if consecutive >= config.max_consecutive_skips:
-        raise NonFiniteError(f"step {step}: {consecutive} consecutive PPO updates had a non-finite loss or gradient "
-                             f"norm (config.max_consecutive_skips={config.max_consecutive_skips}); the last "
-                             f"checkpoint is the last good state")
 
 
 def define_flags() -> None:

@@ -247,7 +247,7 @@ class _Run:
             batch = pipeline.to_global_arrays(local_batch, batch_sharding)
             self.state, metrics = step_fn(self.state, batch, self.frozen)
             if previous is not None:
-                _check_finite(*previous, config, self.checkpoints)  # Step - 1's counter: this step is queued.
+                check_finite(*previous, config, self.checkpoints)  # Step - 1's counter: this step is queued.
             previous = (step, metrics)
             if self.profile_steps and step == self.profile_steps[1]:
                 jax.block_until_ready(self.state)
@@ -282,7 +282,7 @@ class _Run:
                 _log(f"{stop_signal}: saved a checkpoint at step {step}, exiting")
                 return last, False
         if previous is not None:
-            _check_finite(*previous, config, self.checkpoints)
+            check_finite(*previous, config, self.checkpoints)
         return last, True
 
     def _save_after_error(self) -> None:
@@ -298,9 +298,9 @@ class _Run:
             _log(f"could not save the state after the error below ({type(error).__name__}: {error})")
 
 
-def _check_finite(step: int, metrics: dict, config, checkpoints) -> None:
-    """Reports a skipped (non-finite) step and stops the run after `config.max_consecutive_skips` in a row, before
-    optax would give up and apply one (`lm.optim`)."""
+def check_finite(step: int, metrics: dict, config, checkpoints) -> None:
+    """Reports a skipped (non-finite) update and stops the run after `config.max_consecutive_skips` in a row, before
+    optax would give up and apply one (`lm.optim`). `metrics`: the train step's (`lm.rl` checks each PPO update)."""
     if not float(metrics["skipped"]):
         return
     consecutive = int(metrics["consecutive_skips"])
