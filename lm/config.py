@@ -27,12 +27,14 @@ CONFIG_FILE = "config.json"
 
 # Choice fields and the values they accept; `validate()` checks against these.
 CHOICES = {
-    "model.position_embedding": ("rope", "learned", "sinusoidal", "none"),
-    "model.norm": ("rmsnorm", "layernorm"),
+    "model.position_embedding": ("rope", "learned", "sinusoidal", "relative", "alibi", "none"),
+    "model.norm": ("rmsnorm", "layernorm", "scalenorm"),
+    "model.attention_type": ("mha", "mla"),
+    "model.moe.router": ("softmax", "sigmoid"),
     "model.norm_position": ("pre", "post"),
     "model.mlp_activation": ("swiglu", "gelu"),
     "model.rope_scaling.type": ("none", "linear", "llama3"),
-    "model.attention": ("auto", "xla", "cudnn"),
+    "model.attention": ("auto", "xla", "cudnn", "blockwise", "splash"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.init": ("truncated_normal", "xavier", "he"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -56,13 +58,17 @@ LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 # Integer fields that must be > 0.
 POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-    "model.mlp_dim", "model.max_seq_len", "loss.chunk_size", "data.seq_len", "data.batch_size", "data.shuffle_buffer",
+    "model.mlp_dim", "model.max_seq_len", "model.relative_buckets", "model.relative_max_distance",
+    "model.mla.kv_lora_rank", "model.mla.qk_rope_head_dim", "model.mla.qk_nope_head_dim", "model.mla.v_head_dim",
+    "model.moe.experts_per_token", "model.moe.expert_dim", "model.moe.num_groups", "model.moe.top_groups",
+    "loss.chunk_size", "data.seq_len", "data.batch_size", "data.shuffle_buffer",
     "optim.microbatches", "finetune.lora.rank", "finetune.prefix.length", "finetune.prefix.hidden",
     "finetune.loreft.rank", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "max_consecutive_skips", "rl.max_new_tokens", "rl.epochs", "rl.minibatches",
 )
 # Integer fields that must be >= 0.
-NON_NEGATIVE = ("model.attention_max_segments", "optim.warmup_steps", "seed")
+NON_NEGATIVE = ("model.attention_max_segments", "model.mla.q_lora_rank", "model.moe.num_experts",
+                "model.moe.shared_experts", "model.moe.first_dense_layers", "optim.warmup_steps", "seed")
 # Float fields: each must be a finite number in the range the text names (what the predicate accepts).
 RANGES = {
     "model.rope_theta": ("> 0", lambda v: v > 0),
@@ -71,6 +77,12 @@ RANGES = {
     "model.rope_scaling.high_freq_factor": ("> 0", lambda v: v > 0),
     "model.norm_eps": ("> 0", lambda v: v > 0),
     "model.init_std": ("> 0", lambda v: v > 0),
+    "model.mla.latent_norm_eps": ("> 0", lambda v: v > 0),
+    "model.moe.routed_scaling": ("> 0", lambda v: v > 0),
+    "model.moe.capacity_factor": (">= 0 (0: dropless)", lambda v: v >= 0),
+    "model.moe.aux_loss_coef": (">= 0", lambda v: v >= 0),
+    "model.moe.router_z_loss_coef": (">= 0", lambda v: v >= 0),
+    "model.moe.bias_update_rate": (">= 0 (0: no bias balancing)", lambda v: v >= 0),
     "loss.z_loss": (">= 0", lambda v: v >= 0),
     "finetune.lora.alpha": ("> 0", lambda v: v > 0),
     "finetune.dpo.beta": ("> 0", lambda v: v > 0),
@@ -120,11 +132,50 @@ def base_config() -> ml_collections.ConfigDict:
     r.low_freq_factor = 1.0
     r.high_freq_factor = 4.0
     r.original_max_seq_len = 8192
+    # T5's relative position bias (position_embedding = "relative"): a learned bias per head and bucket of the
+    # key's distance behind the query; exact buckets up to half of `relative_buckets`, log-spaced up to
+    # `relative_max_distance`, one bucket beyond. One table serves every layer (as T5).
+    m.relative_buckets = 32
+    m.relative_max_distance = 128
+    # rmsnorm | layernorm | scalenorm (Nguyen & Salazar 2019: g * x / ||x|| with one learned scalar g, initialised
+    # to sqrt(d_model)).
     m.norm = "rmsnorm"
     m.norm_eps = 1e-5
     m.norm_position = "pre"
     m.mlp_activation = "swiglu"
     m.head_dim = config_dict.placeholder(int)  # Width of each head; None: d_model // num_heads.
+    # mha: multi-head attention, grouped by num_kv_heads (MHA, GQA, MQA). mla: DeepSeek-V2's multi-head latent
+    # attention, whose KV cache holds one compressed latent and one shared rotary key per token (`mla` below).
+    m.attention_type = "mha"
+    m.mla = mla = ml_collections.ConfigDict()
+    mla.q_lora_rank = 0  # Width of the query's latent (DeepSeek's q_lora_rank); 0: a full-rank query projection.
+    mla.kv_lora_rank = 64  # Width of the compressed key/value latent the cache keeps.
+    mla.qk_rope_head_dim = 16  # The rotary part of each query/key head; the key's is shared by all heads.
+    mla.qk_nope_head_dim = 32  # The part of each query/key head without positions, expanded from the latent.
+    mla.v_head_dim = 32  # Width of each value head, expanded from the latent.
+    # Decoding: True multiplies the key/value up-projections into the query and the output (attention over the
+    # latent itself, no per-head keys or values); False expands them per head, the reference the tests compare to.
+    mla.absorb = True
+    mla.latent_norm_eps = 1e-6  # The RMSNorms of the latents (DeepSeek's fixed 1e-6).
+    # Mixture of experts in place of the dense MLP (lm.moe); num_experts = 0 keeps every MLP dense.
+    m.moe = moe = ml_collections.ConfigDict()
+    moe.num_experts = 0  # Routed experts.
+    moe.experts_per_token = 2  # Routed experts each token goes to (top-k).
+    moe.shared_experts = 0  # Experts every token goes to (DeepSeek), each of width expert_dim.
+    moe.expert_dim = 256  # Hidden width of each expert.
+    moe.first_dense_layers = 0  # The first layers keep a dense MLP of width mlp_dim (DeepSeek's first_k_dense_replace).
+    moe.router = "softmax"  # softmax (Mixtral, Switch) | sigmoid (DeepSeek-V3) scores over the experts.
+    moe.normalize_top_k = True  # Rescale the chosen experts' weights to sum to 1.
+    moe.routed_scaling = 1.0  # Factor on the routed experts' output (DeepSeek-V3's routed_scaling_factor).
+    # Group-limited routing (DeepSeek-V3): experts in num_groups groups, tokens choose among the top_groups best.
+    moe.num_groups = 1
+    moe.top_groups = 1
+    moe.capacity_factor = 0.0  # 0: dropless; c > 0: each expert takes at most c * tokens * k / experts tokens.
+    moe.aux_loss_coef = 0.01  # Switch/GShard load-balancing loss, added to the training loss.
+    moe.router_z_loss_coef = 0.0  # ST-MoE router z-loss.
+    # DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias on the routing scores (selection only), moved
+    # by this much against each expert's load error after every step; 0 disables.
+    moe.bias_update_rate = 0.0
     # Biases, per group of projections: query/key/value (Qwen2, GPT-2), the attention output (GPT-2), and the MLP
     # (GPT-2). Llama's `attention_bias` is qkv_bias and attention_out_bias, its `mlp_bias` is mlp_bias.
     m.qkv_bias = False
@@ -150,11 +201,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices.
+    c.mesh.expert = 1  # Expert parallelism: experts split over it, everything else data parallel over it.
     c.mesh.tensor = 1
     # Sizes of each axis across hosts (GPU nodes, TPU slices) over the data-center network; the sizes above are
     # within one host. The total axis size is the product. Data parallelism is what should cross hosts.
     c.mesh.dcn_data = 1
     c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_expert = 1
     c.mesh.dcn_tensor = 1
 
     c.sharding = ml_collections.ConfigDict()
@@ -162,6 +215,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Logical axis -> mesh axes, for parameters and activations. Where parameters, gradients and optimizer state
     # sit along the data axes (`data`, `fsdp`) is decided by zero_stage (lm/sharding.py), not by these rules.
     c.sharding.logical_axis_rules = (
+        # Experts first: in the expert-major activations of a mixture-of-experts layer (`[experts, batch, ...]`)
+        # the experts take the `expert` mesh axis and the batch falls back to the other data axes (Flax gives a
+        # mesh axis to the first rule that claims it); everywhere else the batch is split over all three.
+        ("expert", "expert"),
+        ("batch", ("data", "fsdp", "expert")),
         ("batch", ("data", "fsdp")),
         ("length", None),
         ("embed", None),
@@ -389,6 +447,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(
                 f"config.model.position_embedding='rope' needs an even head dimension, but the head dimension is "
                 f"{head_dim(m)}")
+    _validate_variants(m)
     scaling = m.rope_scaling
     if scaling.type == "llama3" and not scaling.high_freq_factor > scaling.low_freq_factor:
         raise ConfigError(
@@ -410,6 +469,40 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.eval_steps must be a positive integer or -1 (the whole split), got {eval_steps!r}")
     _validate_finetune(config)
     return config
+
+
+# Attention implementations that cannot add a learned [heads, t, s] bias (T5's relative positions) to their scores.
+NO_BIAS_ATTENTION = ("blockwise", "splash")
+
+
+def _validate_variants(m: ml_collections.ConfigDict) -> None:
+    """The model variants' own constraints: MLA, mixture of experts, and what each attention implementation takes."""
+    if m.attention_type == "mla":
+        if m.position_embedding != "rope":
+            raise ConfigError(f"config.model.attention_type='mla' carries positions in its decoupled rotary part: "
+                              f"set config.model.position_embedding='rope', not {m.position_embedding!r}")
+        if m.mla.qk_rope_head_dim % 2:
+            raise ConfigError(f"config.model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be even (RoPE pairs)")
+        if m.attention not in ("xla", "auto") and m.mla.v_head_dim > m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim:
+            raise ConfigError(f"config.model.attention={m.attention!r} takes one head width: MLA's v_head_dim="
+                              f"{m.mla.v_head_dim} must be at most qk_nope_head_dim + qk_rope_head_dim, or use 'xla'")
+    if m.position_embedding == "relative" and m.attention in NO_BIAS_ATTENTION:
+        raise ConfigError(f"config.model.position_embedding='relative' adds a learned bias to the scores, which "
+                          f"config.model.attention={m.attention!r} cannot take; use 'xla', 'cudnn' or 'auto'")
+    moe = m.moe
+    if moe.num_experts:
+        if moe.experts_per_token > moe.num_experts:
+            raise ConfigError(f"config.model.moe.experts_per_token={moe.experts_per_token} must be at most "
+                              f"config.model.moe.num_experts={moe.num_experts}")
+        if moe.num_experts % moe.num_groups or moe.top_groups > moe.num_groups:
+            raise ConfigError(f"config.model.moe.num_groups={moe.num_groups} must divide num_experts="
+                              f"{moe.num_experts} and be at least top_groups={moe.top_groups}")
+        if moe.experts_per_token > moe.top_groups * (moe.num_experts // moe.num_groups):
+            raise ConfigError(f"config.model.moe.experts_per_token={moe.experts_per_token} is more than the "
+                              f"{moe.top_groups} top groups of {moe.num_experts // moe.num_groups} experts hold")
+        if moe.first_dense_layers >= m.num_layers:
+            raise ConfigError(f"config.model.moe.first_dense_layers={moe.first_dense_layers} leaves no mixture-of-"
+                              f"experts layer among config.model.num_layers={m.num_layers}")
 
 
 def _validate_rl(config: ml_collections.ConfigDict) -> None:
@@ -448,6 +541,15 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
     if not f.lora.targets or unknown or isinstance(f.lora.targets, str):
         raise ConfigError(f"config.finetune.lora.targets={tuple(f.lora.targets)!r} must be a non-empty tuple of "
                           f"{', '.join(LORA_TARGETS)}")
+    if f.method == "lora" and config.model.attention_type == "mla" and {"key", "value"} & set(f.lora.targets):
+        raise ConfigError(f"config.finetune.lora.targets={tuple(f.lora.targets)!r}: an MLA model has no key or value "
+                          f"projection (they are expanded from a latent); target query and out")
+    if f.method == "lora" and config.model.moe.num_experts and {"gate", "up", "down"} & set(f.lora.targets):
+        raise ConfigError(f"config.finetune.lora.targets={tuple(f.lora.targets)!r}: LoRA on the experts of a "
+                          f"mixture-of-experts MLP is not offered; target the attention projections")
+    if f.method == "prefix" and config.model.attention_type == "mla":
+        raise ConfigError("config.finetune.method='prefix' needs per-head keys and values, which an MLA model "
+                          "(config.model.attention_type='mla') does not form; use lora or loreft")
     if config.model.mlp_activation != "swiglu" and "gate" in f.lora.targets and f.method == "lora":
         raise ConfigError("config.finetune.lora.targets has 'gate', but a GELU MLP (config.model.mlp_activation="
                           "'gelu') has no gate projection")

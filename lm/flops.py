@@ -8,7 +8,11 @@ Training FLOPs per token (forward + backward = 3 x forward, each multiply-add = 
     flops_per_token = 6 * N_matmul + 6 * L * n * h * (T + 1)
 
 - `N_matmul` counts the weights of every matrix multiply a token goes through: per layer the query, key, value and
-  output projections `d*n*h + 2*d*g*h + n*h*d` and the MLP (`3*d*f` SwiGLU, `2*d*f` GELU), plus the LM head `d*V`
+  output projections `d*n*h + 2*d*g*h + n*h*d` (MLA: its query (or query latent and up-projection), the latent
+  projection `d*(c+o)`, the key/value up-projection `c*n*(p+u)` and the output `n*u*d`, letters as
+  `lm.model.LatentAttention`) and the MLP (`3*d*f` SwiGLU, `2*d*f` GELU; a mixture of experts: the router `d*E`
+  and the `k` experts a token is routed to plus the shared ones, the *active* parameters, while `param_count`
+  counts all E), plus the LM head `d*V`
   (counted even when tied to the embedding: the multiply happens either way). The embedding lookup, learned
   positions, norms and biases are not matmuls and are not counted (the "non-embedding" convention of Kaplan et al.
   2020, with the output projection kept as in PaLM).
@@ -43,31 +47,75 @@ def _model(config: ml_collections.ConfigDict):
 
 
 def _norm_params(m) -> int:
-    return m.d_model * (2 if m.norm == "layernorm" else 1)
+    return {"layernorm": 2 * m.d_model, "rmsnorm": m.d_model, "scalenorm": 1}[m.norm]
 
 
-def layer_param_count(config: ml_collections.ConfigDict) -> int:
-    """Parameters of one Transformer block."""
+def _moe_layers(m) -> int:
+    """How many layers have a mixture-of-experts MLP (`lm.model.layer_stacks`)."""
+    return m.num_layers - m.moe.first_dense_layers if m.moe.num_experts else 0
+
+
+def _attention_matrices(m) -> int:
+    """Weights of one layer's attention projections: `d*n*h + 2*d*g*h + n*h*d`, or MLA's (module docstring)."""
+    d, n = m.d_model, m.num_heads
+    if m.attention_type == "mla":
+        a = m.mla
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        query = d * a.q_lora_rank + a.q_lora_rank * n * qk if a.q_lora_rank else d * n * qk
+        return (query + d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * n * (a.qk_nope_head_dim
+                + a.v_head_dim) + n * a.v_head_dim * d)
+    g, h = m.num_kv_heads, head_dim(m)
+    return d * n * h + 2 * d * g * h + n * h * d
+
+
+def _attention_vectors(m) -> int:
+    """One layer's attention biases and (MLA) latent norm scales."""
+    d, n = m.d_model, m.num_heads
+    if m.attention_type == "mla":
+        a = m.mla
+        query = a.q_lora_rank or n * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        biases = (query + a.kv_lora_rank + a.qk_rope_head_dim) * m.qkv_bias + d * m.attention_out_bias
+        return biases + a.q_lora_rank + a.kv_lora_rank
+    g, h = m.num_kv_heads, head_dim(m)
+    return (n * h + 2 * g * h) * m.qkv_bias + d * m.attention_out_bias
+
+
+def _mlp_matrices(m, moe: bool, active: bool) -> int:
+    """Weights of one layer's MLP matmuls: dense `3*d*f` (SwiGLU) or `2*d*f`; a mixture of experts' router `d*E`
+    and its experts, all `E` of them (`active=False`: parameters) or the `k` a token goes through (FLOPs), plus
+    the shared ones."""
+    matrices = 3 if m.mlp_activation == "swiglu" else 2
+    if not moe:
+        return matrices * m.d_model * m.mlp_dim
+    e = m.moe.experts_per_token if active else m.moe.num_experts
+    return m.d_model * m.moe.num_experts + matrices * m.d_model * m.moe.expert_dim * (e + m.moe.shared_experts)
+
+
+def _mlp_vectors(m, moe: bool) -> int:
+    """One layer's MLP biases (dense, or the shared experts') and a router's balancing bias."""
+    matrices = 3 if m.mlp_activation == "swiglu" else 2
+    width = m.moe.expert_dim * m.moe.shared_experts if moe else m.mlp_dim
+    biases = ((matrices - 1) * width + m.d_model) * m.mlp_bias if width else 0
+    return biases + (m.moe.num_experts if moe else 0)
+
+
+def layer_param_count(config: ml_collections.ConfigDict, moe: bool = False) -> int:
+    """Parameters of one Transformer block (with a mixture-of-experts MLP when `moe`)."""
     m = _model(config)
-    d, n, g, f, h = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, head_dim(m)
-    attention = d * n * h + 2 * d * g * h + n * h * d
-    mlp_matrices = 3 if m.mlp_activation == "swiglu" else 2
-    mlp = mlp_matrices * d * f
-    if m.qkv_bias:
-        attention += n * h + 2 * g * h
-    if m.attention_out_bias:
-        attention += d
-    if m.mlp_bias:
-        mlp += (mlp_matrices - 1) * f + d
-    return attention + mlp + 2 * _norm_params(m)
+    return (_attention_matrices(m) + _attention_vectors(m) + _mlp_matrices(m, moe, active=False)
+            + _mlp_vectors(m, moe) + 2 * _norm_params(m))
 
 
 def param_count(config: ml_collections.ConfigDict) -> int:
-    """Exact number of parameters `lm.model.Transformer` creates for this config."""
+    """Exact number of parameters `lm.model.Transformer` creates for this config (every expert counted)."""
     m = _model(config)
-    total = m.vocab_size * m.d_model + m.num_layers * layer_param_count(m)
+    moe_layers = _moe_layers(m)
+    total = (m.vocab_size * m.d_model + (m.num_layers - moe_layers) * layer_param_count(m)
+             + moe_layers * layer_param_count(m, moe=True))
     if m.position_embedding == "learned":
         total += m.max_seq_len * m.d_model
+    if m.position_embedding == "relative":
+        total += m.relative_buckets * m.num_heads
     if m.norm_position == "pre":
         total += _norm_params(m)
     if not m.tie_embeddings:
@@ -75,12 +123,23 @@ def param_count(config: ml_collections.ConfigDict) -> int:
     return total
 
 
-def matmul_param_count(config: ml_collections.ConfigDict) -> int:
-    """N_matmul of the module docstring: weights of the matmuls one token goes through, LM head included."""
+def active_param_count(config: ml_collections.ConfigDict) -> int:
+    """Parameters one token's forward pass uses: `param_count` less the experts it is not routed to (every
+    parameter for a dense model)."""
     m = _model(config)
-    d, n, g, f, h = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, head_dim(m)
-    per_layer = d * n * h + 2 * d * g * h + n * h * d + (3 if m.mlp_activation == "swiglu" else 2) * d * f
-    return m.num_layers * per_layer + d * m.vocab_size
+    inactive = _mlp_matrices(m, True, active=False) - _mlp_matrices(m, True, active=True)
+    return param_count(config) - _moe_layers(m) * inactive
+
+
+def matmul_param_count(config: ml_collections.ConfigDict) -> int:
+    """N_matmul of the module docstring: weights of the matmuls one token goes through, LM head included; of a
+    mixture of experts only the router, the `experts_per_token` chosen experts and the shared ones (the active
+    parameters)."""
+    m = _model(config)
+    moe_layers = _moe_layers(m)
+    dense_mlp, moe_mlp = _mlp_matrices(m, False, active=True), _mlp_matrices(m, True, active=True)
+    return (m.num_layers * _attention_matrices(m) + (m.num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
+            + m.d_model * m.vocab_size)
 
 
 def adapter_matmul_count(config: ml_collections.ConfigDict) -> int:
@@ -103,7 +162,11 @@ def attention_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, c
     """Training FLOPs per token of the attention scores and weighted values (module docstring)."""
     m = _model(config)
     visible_keys = (seq_len + 1) / 2 if causal else seq_len
-    return 3 * 4 * m.num_layers * m.num_heads * head_dim(m) * visible_keys
+    if m.attention_type == "mla":  # Scores over the expanded query/key width, values of their own width.
+        widths = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim + m.mla.v_head_dim
+    else:
+        widths = 2 * head_dim(m)
+    return 3 * 2 * m.num_layers * m.num_heads * widths * visible_keys
 
 
 def train_flops_per_token(config: ml_collections.ConfigDict, seq_len: int, causal: bool = True) -> float:

@@ -36,13 +36,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import attention as attention_lib
+from lm import moe as moe_lib
 from lm import peft
+from lm.layers import Mlp, Norm, Projection, kernel_init, lora
 from lm.config import head_dim, loreft_positions
-
-Initializer = Any
-
-# Standard deviation of a unit normal truncated to [-2, 2].
-_TRUNCATED_NORMAL_STD = 0.87962566103423978
 
 REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole block in the backward pass.
@@ -57,115 +54,11 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConf
     return ml_collections.FrozenConfigDict(section)
 
 
-def _lora(peft_cfg, projection: str):
-    """`config.finetune.lora` if the run puts a LoRA adapter on projections named `projection`, else None."""
-    if peft_cfg is None or peft_cfg.method != "lora" or projection not in peft_cfg.lora.targets:
-        return None
-    return peft_cfg.lora
-
-
-def _kernel_init(cfg, fan_in_axes: tuple[int, ...], fan_out_axes: tuple[int, ...], output_projection: bool):
-    """Initializer for a projection kernel; axes are given so multi-axis kernels get the right fans.
-
-    truncated_normal: std `init_std`, divided by sqrt(2 * num_layers) for projections that write into the residual
-    stream (GPT-2 / Megatron depth scaling). xavier: Glorot uniform. he: Kaiming truncated normal on fan-in.
-    """
-    if cfg.init == "truncated_normal":
-        std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if output_projection else cfg.init_std
-        # jax's `stddev` is that of the normal before truncation at +-2 sigma; divide so `init_std` is the real std.
-        return nn.initializers.truncated_normal(stddev=std / _TRUNCATED_NORMAL_STD)
-    if cfg.init == "xavier":
-        return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=fan_in_axes, out_axis=fan_out_axes)
-    if cfg.init == "he":
-        return nn.initializers.variance_scaling(
-            2.0, "fan_in", "truncated_normal", in_axis=fan_in_axes, out_axis=fan_out_axes)
-    raise ValueError(f"config.model.init={cfg.init!r} is not one of truncated_normal, xavier, he")
-
-
-class Projection(nn.Module):
-    """A linear map of the trailing axes: `x [..., *in] @ kernel [*in, *out] (+ bias) -> [..., *out]`.
-
-    The kernel keeps its real shape (`kernel_shape = (*in, *out)`, e.g. `[d, n, h]`), so its initializer sees the
-    right fans and every axis has a logical name. The product itself is one 2-D matmul `[rows, prod(in)] @
-    [prod(in), prod(out)]` over all leading axes at once: with the leading axes kept apart (`einsum("btd,df->btf")`)
-    XLA:CPU transposes activations in the backward pass around every dot (an MLP's forward and backward take 2.2x as
-    long); a reshape that merges leading axes is free on every backend, and sharded leading axes merge in order.
-    """
-
-    cfg: ml_collections.FrozenConfigDict
-    kernel_shape: tuple[int, ...]
-    kernel_axes: tuple[str, ...]
-    fan_in_axes: tuple[int, ...]
-    fan_out_axes: tuple[int, ...]
-    output_projection: bool = False
-    use_bias: bool = False
-    lora: Any = None  # `config.finetune.lora` when this projection carries a LoRA adapter (`lm.peft`).
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        init = _kernel_init(cfg, self.fan_in_axes, self.fan_out_axes, self.output_projection)
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(init, self.kernel_axes), self.kernel_shape,
-            jnp.dtype(cfg.param_dtype))
-        in_shape, out_shape = self.kernel_shape[:len(self.fan_in_axes)], self.kernel_shape[len(self.fan_in_axes):]
-        x_rows_in = x.reshape(-1, math.prod(in_shape))
-        kernel_in_out = kernel.astype(cfg.dtype).reshape(math.prod(in_shape), math.prod(out_shape))
-        y_rows_out = jnp.matmul(x_rows_in, kernel_in_out)
-        if self.lora is not None:
-            y_rows_out = y_rows_out + self._lora_update(x_rows_in, in_shape, out_shape)
-        y = y_rows_out.reshape(*x.shape[:x.ndim - len(in_shape)], *out_shape)
-        if self.use_bias:
-            bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[len(in_shape):]),
-                out_shape, jnp.dtype(cfg.param_dtype))
-            y = y + bias.astype(cfg.dtype)
-        return y
-
-    def _lora_update(self, x_rows_in: jax.Array, in_shape, out_shape) -> jax.Array:
-        """LoRA (Hu et al. 2021): `(alpha / r) * dropout(x) A B`, `[rows, prod(out)]`. A `[*in, r]` and B `[r, *out]`
-        keep the kernel's axis names beside `lora_rank`; their initialisation is `config.finetune.lora.init`
-        (`lm.peft.lora_initializers`). Dropout is on only when the caller passes a `dropout` rng (training)."""
-        cfg, lora, r = self.cfg, self.lora, self.lora.rank
-        init_a, init_b = peft.lora_initializers(lora.init, len(in_shape), len(out_shape))
-        n_in = len(in_shape)
-        a = self.param("lora_a", nn.with_logical_partitioning(init_a, (*self.kernel_axes[:n_in], "lora_rank")),
-                       (*in_shape, r), jnp.dtype(cfg.param_dtype))
-        b = self.param("lora_b", nn.with_logical_partitioning(init_b, ("lora_rank", *self.kernel_axes[n_in:])),
-                       (r, *out_shape), jnp.dtype(cfg.param_dtype))
-        if lora.dropout > 0:
-            x_rows_in = nn.Dropout(lora.dropout, deterministic=not self.has_rng("dropout"))(x_rows_in)
-        a_in_rank = a.astype(cfg.dtype).reshape(-1, r)
-        b_rank_out = b.astype(cfg.dtype).reshape(r, -1)
-        return jnp.matmul(jnp.matmul(x_rows_in, a_in_rank), b_rank_out) * (lora.alpha / r)
-
-
-class Norm(nn.Module):
-    """RMSNorm or LayerNorm over the last (embed) axis, computed in fp32, returned in the compute dtype."""
-
-    cfg: ml_collections.FrozenConfigDict
-
-    @nn.compact
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        param_dtype = jnp.dtype(cfg.param_dtype)
-        d = x_btd.shape[-1]
-        x32 = x_btd.astype(jnp.float32)
-        if cfg.norm == "layernorm":
-            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), param_dtype)
-        y = x32 * scale.astype(jnp.float32)
-        if cfg.norm == "layernorm":
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), param_dtype)
-            y = y + bias.astype(jnp.float32)
-        return y.astype(cfg.dtype)
-
-
-def rope_frequencies(cfg) -> jax.Array:
-    """fp32 `[head_dim / 2]` angular frequency of each rotated pair: `rope_theta^(-2i/h)`, rescaled as
-    `cfg.rope_scaling` says (the same numbers as Hugging Face's rotary embeddings of that type)."""
-    h = head_dim(cfg)
+def rope_frequencies(cfg, rotary_dim: int | None = None) -> jax.Array:
+    """fp32 `[rotary_dim / 2]` angular frequency of each rotated pair: `rope_theta^(-2i/h)`, rescaled as
+    `cfg.rope_scaling` says (the same numbers as Hugging Face's rotary embeddings of that type). `rotary_dim`: the
+    rotated width, by default the head dimension (MLA rotates only `mla.qk_rope_head_dim` of each head)."""
+    h = head_dim(cfg) if rotary_dim is None else rotary_dim
     inv_freq_k = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
     scaling = cfg.rope_scaling
     if scaling.type == "linear":
@@ -207,6 +100,20 @@ def sinusoidal_positions(positions_bt: jax.Array, d: int) -> jax.Array:
     return jnp.pad(encoding_btd, ((0, 0), (0, 0), (0, d % 2)))
 
 
+def relative_buckets(query_index_t: jax.Array, key_index_s: jax.Array, num_buckets: int,
+                     max_distance: int) -> jax.Array:
+    """int32 `[t, s]`: T5's bucket of how far key s lies behind query t (causal: keys ahead share bucket 0).
+
+    Distances below `num_buckets / 2` get a bucket each; longer ones share log-spaced buckets up to `max_distance`,
+    and everything beyond it the last bucket (T5's `_relative_position_bucket` with `bidirectional=False`).
+    """
+    distance_ts = jnp.maximum(query_index_t[:, None] - key_index_s[None, :], 0)
+    exact = num_buckets // 2
+    log_ratio_ts = jnp.log(jnp.maximum(distance_ts, 1).astype(jnp.float32) / exact) / math.log(max_distance / exact)
+    far_ts = exact + (log_ratio_ts * (num_buckets - exact)).astype(jnp.int32)
+    return jnp.where(distance_ts < exact, distance_ts, jnp.minimum(far_ts, num_buckets - 1)).astype(jnp.int32)
+
+
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer for decoding, written slot by slot.
@@ -215,7 +122,9 @@ class KVCache:
     `start_b[b]`; slots before it are padding that no query attends to.
 
     key_lbsgh, value_lbsgh: `[layers, batch, max_len, kv_heads, head_dim]` in the compute dtype, logical axes
-      `AXES` (sharded by the config's rules like every activation).
+      `axes(cfg)` (sharded by the config's rules like every activation). MLA (`LatentAttention`) keeps one array,
+      `key_lbsgh` `[layers, batch, max_len, 1, kv_lora_rank + qk_rope_head_dim]`: each token's normed key/value
+      latent and its shared rotary key, the only per-token state MLA needs; `value_lbsgh` is None.
     index: int32 scalar, the number of slots written; the next token goes to slot `index`.
     start_b: int32 `[batch]`, the first slot of each row's text.
     prompt_end: int32 scalar, the slot after every row's prompt (slots before it hold the prompt, read by LoReFT runs
@@ -223,21 +132,38 @@ class KVCache:
     """
 
     key_lbsgh: jax.Array
-    value_lbsgh: jax.Array
+    value_lbsgh: jax.Array | None
     index: jax.Array
     start_b: jax.Array
     prompt_end: jax.Array
 
-    AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+    @staticmethod
+    def axes(cfg) -> tuple[str | None, ...]:
+        """Logical axes of the cache arrays: MLA's single latent head is replicated over `kv_heads`' mesh axis."""
+        if cfg.attention_type == "mla":
+            return ("layers", "batch", "length", None, None)
+        return ("layers", "batch", "length", "kv_heads", "head_dim")
+
+    @staticmethod
+    def values_per_token(cfg) -> int:
+        """Numbers the cache keeps per token per layer: `2 * kv_heads * head_dim`, or MLA's
+        `kv_lora_rank + qk_rope_head_dim`."""
+        if cfg.attention_type == "mla":
+            return cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+        return 2 * cfg.num_kv_heads * head_dim(cfg)
 
     @classmethod
     def zeros(cls, cfg, start_b: jax.Array, max_len: int, prompt_end: int | None = None) -> "KVCache":
         """An empty cache for `len(start_b)` rows of up to `max_len` slots whose prompts end at slot `prompt_end`
         (default: every slot is prompt). `cfg`: `model_config(config)`."""
-        shape = (cfg.num_layers, start_b.shape[0], max_len, cfg.num_kv_heads, head_dim(cfg))
-        empty_lbsgh = nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), cls.AXES)
-        return cls(empty_lbsgh, empty_lbsgh, jnp.zeros((), jnp.int32), start_b.astype(jnp.int32),
-                   jnp.int32(max_len if prompt_end is None else prompt_end))
+        rows = (cfg.num_layers, start_b.shape[0], max_len)
+        if cfg.attention_type == "mla":
+            key_shape, value_shape = (*rows, 1, cls.values_per_token(cfg)), None
+        else:
+            key_shape = value_shape = (*rows, cfg.num_kv_heads, head_dim(cfg))
+        empty = lambda shape: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), cls.axes(cfg))
+        return cls(empty(key_shape), None if value_shape is None else empty(value_shape), jnp.zeros((), jnp.int32),
+                   start_b.astype(jnp.int32), jnp.int32(max_len if prompt_end is None else prompt_end))
 
     def positions(self, length: int) -> jax.Array:
         """int32 `[batch, length]` positions of the next `length` tokens within their rows' text (0 on padding)."""
@@ -245,8 +171,24 @@ class KVCache:
         return jnp.maximum(slot_t[None, :] - self.start_b[:, None], 0)
 
 
+def _write_slots(cache_bs__: jax.Array, new_bt__: jax.Array, index: jax.Array) -> jax.Array:
+    """The layer cache `[b, s, ...]` with `new_bt__` `[b, t, ...]` written to slots `index + [0, t)`."""
+    return jax.lax.dynamic_update_slice_in_dim(cache_bs__, new_bt__.astype(cache_bs__.dtype), index, axis=1)
+
+
+def _attention_biases(cfg, query_offset, bias_1nts):
+    """The keyword arguments that add position biases to the scores: ALiBi's slopes (the first query row at key
+    index `query_offset`) or T5's relative bias `bias_1nts` (from `Transformer`); none for other encodings."""
+    if cfg.position_embedding == "alibi":
+        return {"alibi_slopes_n": attention_lib.alibi_slopes(cfg.num_heads), "query_offset": query_offset}
+    if cfg.position_embedding == "relative":
+        return {"bias_1nts": bias_1nts}
+    return {}
+
+
 class Attention(nn.Module):
-    """Causal self-attention with `num_kv_heads` key/value heads (MHA, GQA or MQA) and optional RoPE.
+    """Causal self-attention with `num_kv_heads` key/value heads (MHA, GQA or MQA), with RoPE, ALiBi or a relative
+    bias (`bias_1nts`, T5's, computed once per forward by `Transformer`) as `config.model.position_embedding` says.
 
     With `layer_cache = (key_bsgh, value_bsgh, index, start_b)` (one layer of a `KVCache`), the new keys and values
     are written to slots `index + [0, t)` and the queries attend to the whole cache; the updated
@@ -258,15 +200,15 @@ class Attention(nn.Module):
     peft: Any = None
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, bias_1nts=None):
         cfg = self.cfg
         d, n, g, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         project = functools.partial(Projection, cfg, fan_in_axes=(0,), fan_out_axes=(1, 2), use_bias=cfg.qkv_bias)
         q_btnh = project((d, n, h), ("embed", "heads", "head_dim"), name="query",
-                         lora=_lora(self.peft, "query"))(x_btd)
-        k_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="key", lora=_lora(self.peft, "key"))(x_btd)
+                         lora=lora(self.peft, "query"))(x_btd)
+        k_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="key", lora=lora(self.peft, "key"))(x_btd)
         v_btgh = project((d, g, h), ("embed", "kv_heads", "head_dim"), name="value",
-                         lora=_lora(self.peft, "value"))(x_btd)
+                         lora=lora(self.peft, "value"))(x_btd)
         if cfg.position_embedding == "rope":
             inv_freq_k = rope_frequencies(cfg)
             q_btnh = rope(q_btnh, positions_bt, inv_freq_k)
@@ -278,46 +220,120 @@ class Attention(nn.Module):
             new_cache = None
             out_btnh = attention_lib.dot_product_attention(
                 q_btnh, k_btgh, v_btgh, segment_ids_bt=segment_ids_bt, causal=True, implementation=cfg.attention,
-                max_segments=cfg.attention_max_segments)
+                max_segments=cfg.attention_max_segments,
+                **_attention_biases(cfg, 0, bias_1nts))
         else:
             key_bsgh, value_bsgh, index, start_b = layer_cache
-            key_bsgh = jax.lax.dynamic_update_slice_in_dim(key_bsgh, k_btgh.astype(key_bsgh.dtype), index, axis=1)
-            value_bsgh = jax.lax.dynamic_update_slice_in_dim(value_bsgh, v_btgh.astype(value_bsgh.dtype), index, 1)
+            key_bsgh, value_bsgh = _write_slots(key_bsgh, k_btgh, index), _write_slots(value_bsgh, v_btgh, index)
             new_cache = (key_bsgh, value_bsgh)
             mask_b1ts = attention_lib.cache_attention_mask(start_b, index, x_btd.shape[1], key_bsgh.shape[1])
             # The XLA path: a few query rows against the cache is a small matrix-vector product, not flash-attention.
             out_btnh = attention_lib.dot_product_attention(
-                q_btnh, key_bsgh, value_bsgh, causal=False, mask_b1ts=mask_b1ts, implementation="xla")
+                q_btnh, key_bsgh, value_bsgh, causal=False, mask_b1ts=mask_b1ts, implementation="xla",
+                **_attention_biases(cfg, index, bias_1nts))
         if self.peft is not None and self.peft.method == "prefix":
             out_btnh = out_btnh + peft.Prefix(cfg, self.peft.prefix, h, name="prefix")(q_btnh)
         out_btnh = nn.with_logical_constraint(out_btnh, ("batch", "length", "heads", "head_dim"))
         out_btd = Projection(
             cfg, (n, h, d), ("heads", "head_dim", "embed"), fan_in_axes=(0, 1), fan_out_axes=(2,),
-            output_projection=True, use_bias=cfg.attention_out_bias, name="out", lora=_lora(self.peft, "out"))(out_btnh)
+            output_projection=True, use_bias=cfg.attention_out_bias, name="out", lora=lora(self.peft, "out"))(out_btnh)
         return out_btd, new_cache
 
 
-class Mlp(nn.Module):
-    """SwiGLU (`silu(x W_gate) * (x W_up) W_down`, Shazeer 2020) or GELU (tanh approximation, as GPT-2) MLP."""
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (MLA, DeepSeek-V2 / V3): keys and values come from one compressed latent.
+
+    Letters beyond the legend: c the key/value latent (`mla.kv_lora_rank`), e the latent plus the shared rotary key
+    (`c + mla.qk_rope_head_dim`), q the query latent (`mla.q_lora_rank`), p the position-free part of a query/key
+    head (`mla.qk_nope_head_dim`), o the rotary part (`mla.qk_rope_head_dim`), u a value head (`mla.v_head_dim`).
+
+    Per token: `kv_a` maps x to the latent `[c]` (RMS-normed) and one rotary key `[o]` shared by every head; `kv_b`
+    `[c, n, p + u]` expands the latent to each head's position-free key `[p]` and value `[u]`. Queries are
+    `[n, p + o]`, straight from x (`query`) or through their own normed latent (`query_a`, `query_b`). Scores use
+    `1/sqrt(p + o)`. Training runs the expanded form: ordinary attention over per-head keys and values.
+
+    Decoding caches only the latent and the rotary key (`KVCache`: `e` numbers per token per layer). With
+    `mla.absorb` the up-projections are absorbed: the query's position-free part is mapped into the latent space
+    (`q_nope @ W_uk`), so attention is one shared head of width e over the cache (MQA, with the latent as value),
+    and the latent output is mapped by `W_uv` to each head's value space before `out`. No per-head key or value
+    exists at any step. Without `absorb`, the cache is expanded per head (the reference form).
+    """
 
     cfg: ml_collections.FrozenConfigDict
-    peft: Any = None  # As `Attention.peft`.
+    peft: Any = None
 
     @nn.compact
-    def __call__(self, x_btd):
-        cfg = self.cfg
-        d, f = cfg.d_model, cfg.mlp_dim
-        up = functools.partial(
-            Projection, cfg, (d, f), ("embed", "mlp"), (0,), (1,), use_bias=cfg.mlp_bias)
-        if cfg.mlp_activation == "swiglu":
-            h_btf = nn.silu(up(name="gate", lora=_lora(self.peft, "gate"))(x_btd)) * up(
-                name="up", lora=_lora(self.peft, "up"))(x_btd)
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, bias_1nts=None):
+        del bias_1nts  # MLA carries positions in its rotary part only (config validation).
+        cfg, mla = self.cfg, self.cfg.mla
+        d, n = cfg.d_model, cfg.num_heads
+        c, o, p, u = mla.kv_lora_rank, mla.qk_rope_head_dim, mla.qk_nope_head_dim, mla.v_head_dim
+        latent_norm = functools.partial(Norm, cfg, kind="rmsnorm", eps=mla.latent_norm_eps)
+        if mla.q_lora_rank:
+            q_btq = Projection(cfg, (d, mla.q_lora_rank), ("embed", "q_lora"), (0,), (1,), use_bias=cfg.qkv_bias,
+                               name="query_a")(x_btd)
+            q_btq = latent_norm(axis="q_lora", name="query_norm")(q_btq)
+            q_btnh = Projection(cfg, (mla.q_lora_rank, n, p + o), ("q_lora", "heads", "head_dim"), (0,), (1, 2),
+                                name="query_b")(q_btq)
         else:
-            h_btf = nn.gelu(up(name="up", lora=_lora(self.peft, "up"))(x_btd), approximate=True)
-        h_btf = nn.with_logical_constraint(h_btf, ("batch", "length", "mlp"))
-        return Projection(
-            cfg, (f, d), ("mlp", "embed"), (0,), (1,), output_projection=True, use_bias=cfg.mlp_bias,
-            name="down", lora=_lora(self.peft, "down"))(h_btf)
+            q_btnh = Projection(cfg, (d, n, p + o), ("embed", "heads", "head_dim"), (0,), (1, 2), name="query",
+                                lora=lora(self.peft, "query"))(x_btd)
+        inv_freq_k = rope_frequencies(cfg, o)
+        q_nope_btnp = q_btnh[..., :p]
+        q_rope_btno = rope(q_btnh[..., p:], positions_bt, inv_freq_k)
+        kv_bte = Projection(cfg, (d, c + o), ("embed", "kv_lora"), (0,), (1,), use_bias=cfg.qkv_bias,
+                            name="kv_a")(x_btd)
+        latent_btc = latent_norm(axis="kv_lora", name="kv_norm")(kv_bte[..., :c])
+        k_rope_bt1o = rope(kv_bte[:, :, None, c:], positions_bt, inv_freq_k)
+        kv_up_cnh = self.param(
+            "kv_b", nn.with_logical_partitioning(kernel_init(cfg, (0,), (1, 2), False), ("kv_lora", "heads", "head_dim")),
+            (c, n, p + u), jnp.dtype(cfg.param_dtype)).astype(cfg.dtype)
+        if layer_cache is None:
+            new_cache = None
+            k_btnh, v_btnu = self._expand(latent_btc, k_rope_bt1o, kv_up_cnh)
+            implementation = attention_lib.resolve_implementation(cfg.attention, cfg.dtype)
+            if u > p + o:  # Only `xla` takes wider values (config validation; `auto` falls back to it).
+                implementation = "xla"
+            if implementation != "xla" and u < p + o:
+                # The fused and blockwise kernels take one head width: zero value columns add zero outputs.
+                v_btnu = jnp.pad(v_btnu, ((0, 0), (0, 0), (0, 0), (0, p + o - u)))
+            out_btnu = attention_lib.dot_product_attention(
+                jnp.concatenate([q_nope_btnp, q_rope_btno], -1), k_btnh, v_btnu, segment_ids_bt=segment_ids_bt,
+                causal=True, implementation=implementation, max_segments=cfg.attention_max_segments)[..., :u]
+        else:
+            cache_bs1e, _, index, start_b = layer_cache
+            cache_bs1e = _write_slots(cache_bs1e, jnp.concatenate([latent_btc[:, :, None], k_rope_bt1o], -1), index)
+            new_cache = (cache_bs1e, None)
+            mask_b1ts = attention_lib.cache_attention_mask(start_b, index, x_btd.shape[1], cache_bs1e.shape[1])
+            if mla.absorb:
+                q_latent_btnc = jnp.einsum("btnp,cnp->btnc", q_nope_btnp, kv_up_cnh[..., :p])
+                # Scores must be scaled by 1/sqrt(p + o), the width of the expanded heads, not by the attention's own
+                # 1/sqrt(e): scale the query by the ratio.
+                q_btne = jnp.concatenate([q_latent_btnc, q_rope_btno], -1) * math.sqrt((c + o) / (p + o))
+                out_latent_btnc = attention_lib.dot_product_attention(
+                    q_btne.astype(cfg.dtype), cache_bs1e, cache_bs1e[..., :c], causal=False, mask_b1ts=mask_b1ts,
+                    implementation="xla")
+                out_btnu = jnp.einsum("btnc,cnu->btnu", out_latent_btnc, kv_up_cnh[..., p:])
+            else:
+                k_bsnh, v_bsnu = self._expand(cache_bs1e[:, :, 0, :c], cache_bs1e[:, :, :, c:], kv_up_cnh)
+                out_btnu = attention_lib.dot_product_attention(
+                    jnp.concatenate([q_nope_btnp, q_rope_btno], -1), k_bsnh, v_bsnu, causal=False,
+                    mask_b1ts=mask_b1ts, implementation="xla")
+        out_btnu = nn.with_logical_constraint(out_btnu.astype(cfg.dtype), ("batch", "length", "heads", "head_dim"))
+        out_btd = Projection(
+            cfg, (n, u, d), ("heads", "head_dim", "embed"), fan_in_axes=(0, 1), fan_out_axes=(2,),
+            output_projection=True, use_bias=cfg.attention_out_bias, name="out", lora=lora(self.peft, "out"))(out_btnu)
+        return out_btd, new_cache
+
+    def _expand(self, latent_btc, k_rope_bt1o, kv_up_cnh):
+        """Per-head keys `[b, t, n, p + o]` (each head's position-free key beside the shared rotary key) and values
+        `[b, t, n, u]` from latents (the expanded form)."""
+        p = self.cfg.mla.qk_nope_head_dim
+        kv_btnh = jnp.einsum("btc,cnh->btnh", latent_btc, kv_up_cnh)
+        k_rope_btno = jnp.broadcast_to(k_rope_bt1o, (*kv_btnh.shape[:3], k_rope_bt1o.shape[-1]))
+        k_btnh = nn.with_logical_constraint(jnp.concatenate([kv_btnh[..., :p], k_rope_btno], -1),
+                                            ("batch", "length", "heads", "head_dim"))
+        return k_btnh, nn.with_logical_constraint(kv_btnh[..., p:], ("batch", "length", "heads", "head_dim"))
 
 
 class Block(nn.Module):
@@ -325,37 +341,62 @@ class Block(nn.Module):
 
     pre-norm:  x = x + attn(norm(x)); x = x + mlp(norm(x))
     post-norm: x = norm(x + attn(x)); x = norm(x + mlp(x))
-    Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast), layer (scanned), reft (broadcast))
-    -> (carry, new kv)` so it can be stacked with `nn.scan`; `kv = (key_bsgh, value_bsgh)` and
-    `slots = (index, start_b)` are None unless decoding; `layer` is this layer's index (int32 scalar). A LoReFT run
-    edits the output (`lm.peft.Reft`) at the tokens `reft_bt` marks (bool `[b, t]`; None: every token).
+    Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast), layer (scanned), reft (broadcast),
+    bias (broadcast)) -> (carry, (new kv, moe stats))` so it can be stacked with `nn.scan`; `kv = (key_bsgh,
+    value_bsgh)` and `slots = (index, start_b)` are None unless decoding; `layer` is this layer's index (int32
+    scalar). A LoReFT run edits the output (`lm.peft.Reft`) at the tokens `reft_bt` marks (bool `[b, t]`; None: every
+    token). `bias_1nts`: the relative position bias of `position_embedding = "relative"` (else None). With `moe`, the
+    MLP is `lm.moe.MoeMlp` and its routing statistics come out beside the cache (`{}` for a dense MLP); padding
+    (segment id 0) is kept out of them.
     """
 
     cfg: ml_collections.FrozenConfigDict
     peft: Any = None  # As `Attention.peft`.
+    moe: bool = False
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, slots=None, layer=None, reft_bt=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, slots=None, layer=None, reft_bt=None,
+                 bias_1nts=None):
         cfg = self.cfg
-        attention = Attention(cfg, self.peft, name="attention")
-        mlp = Mlp(cfg, self.peft, name="mlp")
+        attention_class = LatentAttention if cfg.attention_type == "mla" else Attention
+        attention = functools.partial(attention_class(cfg, self.peft, name="attention"), bias_1nts=bias_1nts)
+        if self.moe:
+            real_bt = None if segment_ids_bt is None else segment_ids_bt != 0
+            moe_mlp = moe_lib.MoeMlp(cfg, name="mlp")
+            mlp = lambda x: moe_mlp(x, real_bt)
+        else:
+            dense_mlp = Mlp(cfg, self.peft, name="mlp")
+            mlp = lambda x: (dense_mlp(x), {})
         layer_cache = None if kv is None else (*kv, *slots)
         if cfg.norm_position == "pre":
             attended_btd, kv = attention(
                 Norm(cfg, name="attention_norm")(x_btd), positions_bt, segment_ids_bt, layer_cache)
             x_btd = nn.with_logical_constraint(x_btd + attended_btd, ("batch", "length", "embed"))
-            x_btd = x_btd + mlp(Norm(cfg, name="mlp_norm")(x_btd))
+            mlp_btd, stats = mlp(Norm(cfg, name="mlp_norm")(x_btd))
+            x_btd = x_btd + mlp_btd
         else:
             attended_btd, kv = attention(x_btd, positions_bt, segment_ids_bt, layer_cache)
             x_btd = Norm(cfg, name="attention_norm")(x_btd + attended_btd)
             x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
-            x_btd = Norm(cfg, name="mlp_norm")(x_btd + mlp(x_btd))
+            mlp_btd, stats = mlp(x_btd)
+            x_btd = Norm(cfg, name="mlp_norm")(x_btd + mlp_btd)
         if self.peft is not None and self.peft.method == "loreft":
             layers = self.peft.loreft.layers
             on = jnp.isin(layer, jnp.asarray(layers, jnp.int32)) if layers else jnp.bool_(True)
             x_btd = peft.Reft(cfg, self.peft.loreft, name="reft")(x_btd, on, reft_bt)
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
-        return x_btd, kv
+        return x_btd, (kv, stats)
+
+
+def layer_stacks(cfg) -> list[tuple[str, int, int, bool]]:
+    """`(name, first layer, layers, moe)` of each run of alike layers: one `layers` stack, or with
+    `moe.first_dense_layers` a `dense_layers` stack of dense MLPs before the mixture-of-experts `layers` (scanned
+    stacks are homogeneous). Unscanned models name every layer `layers_{i}` instead."""
+    total = cfg.num_layers
+    dense = cfg.moe.first_dense_layers if cfg.moe.num_experts else total
+    if dense in (0, total):
+        return [("layers", 0, total, dense == 0)]
+    return [("dense_layers", 0, dense, False), ("layers", dense, total - dense, True)]
 
 
 def _block_class(cfg) -> type[nn.Module]:
@@ -388,22 +429,28 @@ class Transformer(nn.Module):
                 (cfg.max_seq_len, cfg.d_model), param_dtype)
         block = _block_class(cfg)
         if cfg.scan_layers:
-            self.layers = nn.scan(
+            self.stacks = [nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast),
-                length=cfg.num_layers,
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                length=count,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.peft, name="layers")
+            )(cfg, self.peft, moe, name=name) for name, _, count, moe in layer_stacks(cfg)]
         else:
-            self.layers = [block(cfg, self.peft, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            self.stacks = [block(cfg, self.peft, moe, name=f"layers_{i}")
+                           for _, first, count, moe in layer_stacks(cfg) for i in range(first, first + count)]
+        if cfg.position_embedding == "relative":
+            self.relative_bias = self.param(
+                "relative_bias", nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std),
+                                                              (None, "heads")),
+                (cfg.relative_buckets, cfg.num_heads), param_dtype)
         if cfg.norm_position == "pre":
             self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = self.param(
                 "lm_head",
-                nn.with_logical_partitioning(_kernel_init(cfg, (0,), (1,), False), ("embed", "vocab")),
+                nn.with_logical_partitioning(kernel_init(cfg, (0,), (1,), False), ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), param_dtype)
         if self.has_scalar_head:
             zeros = nn.initializers.zeros
@@ -478,22 +525,53 @@ class Transformer(nn.Module):
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
         kv_lbsgh = None if cache is None else (cache.key_lbsgh, cache.value_lbsgh)
         slots = None if cache is None else (cache.index, cache.start_b)
+        bias_1nts = self._relative_bias(tokens_bt.shape[1], cache)
+        stats = []  # Per stack (scanned) or per layer: the MoE layers' routing statistics.
         if cfg.scan_layers:
-            layer_l = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            x_btd, kv_lbsgh = self.layers(x_btd, positions_bt, segment_ids_bt, kv_lbsgh, slots, layer_l, reft_bt)
+            per_stack = []
+            for stack, (_, first, count, _) in zip(self.stacks, layer_stacks(cfg)):
+                stack_kv = None if cache is None else jax.tree.map(lambda a: a[first:first + count], kv_lbsgh)
+                layer_l = jnp.arange(first, first + count, dtype=jnp.int32)
+                x_btd, (stack_kv, stack_stats) = stack(
+                    x_btd, positions_bt, segment_ids_bt, stack_kv, slots, layer_l, reft_bt, bias_1nts)
+                per_stack.append(stack_kv)
+                stats.append(stack_stats)
+            kv_lbsgh = None if cache is None else jax.tree.map(lambda *a: jnp.concatenate(a), *per_stack)
         else:
             per_layer = []
-            for i, layer in enumerate(self.layers):
-                x_btd, kv = layer(x_btd, positions_bt, segment_ids_bt,
-                                  None if cache is None else jax.tree.map(lambda a: a[i], kv_lbsgh), slots,
-                                  jnp.int32(i), reft_bt)
+            for i, layer in enumerate(self.stacks):
+                x_btd, (kv, layer_stats) = layer(
+                    x_btd, positions_bt, segment_ids_bt, None if cache is None else jax.tree.map(
+                        lambda a: a[i], kv_lbsgh), slots, jnp.int32(i), reft_bt, bias_1nts)
                 per_layer.append(kv)
+                stats.append(jax.tree.map(lambda a: a[None], layer_stats))
             kv_lbsgh = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        moe_stats = [s for s in stats if s]
+        if moe_stats:
+            # Every MoE layer's statistics, `[moe layers, ...]`: what `moe_stats_of` reads after `apply`.
+            self.sow("intermediates", "moe", jax.tree.map(lambda *a: jnp.concatenate(a), *moe_stats))
         if kv_lbsgh is not None:
-            kv_lbsgh = tuple(nn.with_logical_constraint(a, KVCache.AXES) for a in kv_lbsgh)
+            kv_lbsgh = jax.tree.map(lambda a: nn.with_logical_constraint(a, KVCache.axes(cfg)), kv_lbsgh)
         if cfg.norm_position == "pre":
             x_btd = self.final_norm(x_btd)
         return nn.with_logical_constraint(x_btd, ("batch", "length", "embed")), kv_lbsgh
+
+    def _relative_bias(self, length: int, cache: KVCache | None) -> jax.Array | None:
+        """fp32 `[1, n, t, s]`: T5's learned bias of each head for each query/key pair (by the bucket of their
+        distance, `relative_buckets`), shared by every layer; None unless `position_embedding = "relative"`.
+
+        Distances are taken between slots, which equal distances between positions wherever attention is allowed:
+        a packed row's documents never attend to each other, and a cache row's padding is never attended.
+        """
+        cfg = self.cfg
+        if cfg.position_embedding != "relative":
+            return None
+        first_query = 0 if cache is None else cache.index
+        keys = length if cache is None else cache.key_lbsgh.shape[2]
+        buckets_ts = relative_buckets(first_query + jnp.arange(length), jnp.arange(keys), cfg.relative_buckets,
+                                      cfg.relative_max_distance)
+        bias_tsn = jnp.take(self.relative_bias.astype(jnp.float32), buckets_ts, axis=0)
+        return jnp.transpose(bias_tsn, (2, 0, 1))[None]
 
     def output_kernel(self) -> jax.Array:
         """The LM head `[d_model, vocab]` in the compute dtype (the transposed embedding when tied)."""
@@ -509,6 +587,13 @@ class Transformer(nn.Module):
         soft-capped by `logit_softcap` when set."""
         logits_btv = jnp.einsum("...d,dv->...v", hidden_btd, self.output_kernel(), preferred_element_type=jnp.float32)
         return softcap(logits_btv, self.cfg.logit_softcap)
+
+
+def moe_stats_of(variables) -> dict[str, jax.Array]:
+    """The routing statistics an `apply(..., mutable=["intermediates"])` of a mixture-of-experts model sowed, each
+    stacked over its MoE layers (`lm.moe.MoeMlp`'s `stats`, `[moe layers, ...]`); `{}` for a dense model."""
+    sown = variables.get("intermediates", {}).get("moe")
+    return {} if sown is None else sown[0]
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:

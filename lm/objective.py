@@ -29,11 +29,37 @@ def lm_loss(params, batch: dict[str, jax.Array], model: model_lib.Transformer, c
     (adapters with dropout, `lm.peft`), None otherwise.
     """
 
-    hidden_btd, kernel_dv = batch_hidden_and_head(params, batch, model, rng)
-    return loss_lib.cross_entropy(
+    prompt_lengths_bt = peft.prompt_lengths(batch.get("segment_ids"), batch.get("weights"), batch["inputs"].shape)
+    (hidden_btd, kernel_dv), variables = _hidden_and_head(
+        params, batch["inputs"], model, batch.get("positions"), batch.get("segment_ids"), prompt_lengths_bt, rng,
+        mutable=["intermediates"])
+    loss, aux = loss_lib.cross_entropy(
         hidden_btd, kernel_dv, batch["targets"], batch.get("weights"), chunk_size=config.loss.chunk_size,
         z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing,
         logit_softcap=config.model.logit_softcap)
+    moe_loss, moe_metrics = moe_terms(model_lib.moe_stats_of(variables), config)
+    return loss + moe_loss, {**aux, **moe_metrics}
+
+
+def moe_terms(stats: dict[str, jax.Array], config: ml_collections.ConfigDict) -> tuple[jax.Array, dict]:
+    """The mixture-of-experts terms of the training loss, `aux_loss_coef * aux_loss + router_z_loss_coef *
+    router_z_loss` (each the mean over the MoE layers), and their metrics; `(0, {})` for a dense model.
+
+    Metrics: `moe/aux_loss`, `moe/router_z_loss`, `moe/dropped` (fraction of token-expert assignments dropped by
+    capacity, over the layers), `moe/max_load` (the most loaded expert of any layer over the mean load: 1 is
+    perfectly balanced), `moe/load/{e}` (expert e's share of the assignments, averaged over the layers: the
+    per-expert load), and `moe/load_le` `[moe layers, experts]`, which the train step consumes (DeepSeek-V3's bias
+    balancing, `lm.moe.updated_router_bias`) rather than logs.
+    """
+    if not stats:
+        return jnp.float32(0.0), {}
+    moe = config.model.moe
+    aux_loss, z_loss = jnp.mean(stats["aux_loss"]), jnp.mean(stats["router_z_loss"])
+    load_le = stats["load_e"]
+    metrics = {"moe/aux_loss": aux_loss, "moe/router_z_loss": z_loss, "moe/dropped": jnp.mean(stats["dropped"]),
+               "moe/max_load": jnp.max(load_le) * load_le.shape[-1], "moe/load_le": load_le,
+               **{f"moe/load/{e}": load for e, load in enumerate(jnp.mean(load_le, axis=0))}}
+    return moe.aux_loss_coef * aux_loss + moe.router_z_loss_coef * z_loss, metrics
 
 
 def target_log_probs(params, inputs_bt: jax.Array, targets_bt: jax.Array, model: model_lib.Transformer,
@@ -73,11 +99,13 @@ def batch_hidden_and_head(params, batch: dict[str, jax.Array], model: model_lib.
 
 
 def _hidden_and_head(params, inputs_bt, model, positions_bt=None, segment_ids_bt=None, prompt_lengths_bt=None,
-                     rng=None, head=model_lib.Transformer.output_kernel):
-    """The final hidden states `[batch, length, d]` and `head(module)` (the LM head `[d, vocab]`: compute dtype)."""
+                     rng=None, head=model_lib.Transformer.output_kernel, mutable=False):
+    """The final hidden states `[batch, length, d]` and `head(module)` (the LM head `[d, vocab]`: compute dtype);
+    with `mutable` collections (`["intermediates"]`: a mixture of experts' routing statistics), `(that, variables)`
+    as `apply` returns them."""
 
     def hidden_and_head(module: model_lib.Transformer):
         return module(inputs_bt, positions_bt, segment_ids_bt, prompt_lengths_bt), head(module)
 
     rngs = None if rng is None else {"dropout": rng}
-    return model.apply({"params": params}, method=hidden_and_head, rngs=rngs)
+    return model.apply({"params": params}, method=hidden_and_head, rngs=rngs, mutable=mutable)

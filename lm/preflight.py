@@ -154,7 +154,7 @@ def activation_bytes(config: ml_collections.ConfigDict, sizes: dict[str, int], a
         "dots_no_batch": s * (2 * d + q + kv + mlp),
         "dots": s * (2 * d + q + kv + mlp) + 4 * (scores + (q if attention == "xla" else 0)),
     }[m.remat_policy]
-    layer_weights = s * flops.layer_param_count(config) // tensor
+    layer_weights = s * flops.layer_param_count(config, moe=bool(m.moe.num_experts)) // tensor
     tokens = tokens_per_device(config, sizes)
     out = {"layers, kept for the backward pass": m.num_layers * tokens * kept + tokens * 12 * d}
     if m.remat_policy == "none":
@@ -178,11 +178,18 @@ class StateMemory:
         return self.params + self.grads + self.opt_state
 
 
+def _count(parameters: int) -> str:
+    """`1,235,814,400 (1.24 B)`, or in millions below a billion."""
+    return (f"{parameters:,} ({parameters / 1e9:.2f} B)" if parameters >= 1e9 else
+            f"{parameters:,} ({parameters / 1e6:.2f} M)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """What `estimate` works out for one config on one target mesh and device kind. Bytes are per device."""
 
     parameters: int
+    active_parameters: int  # Those one token uses (a mixture of experts routes it to a few experts).
     mesh: dict[str, int]
     zero_stage: int
     device: str  # The device kind (`jax.Device.device_kind` spelling).
@@ -257,7 +264,7 @@ def estimate(config: ml_collections.ConfigDict, sizes: dict[str, int], device: s
         config.model.attention, config.model.dtype, backend="gpu" if kind.startswith("NVIDIA") else "tpu")
     tokens_per_step = config.data.batch_size * config.data.seq_len
     return Estimate(
-        parameters=flops.param_count(config), mesh=dict(sizes), zero_stage=config.sharding.zero_stage, device=kind,
+        parameters=flops.param_count(config), active_parameters=flops.active_param_count(config), mesh=dict(sizes), zero_stage=config.sharding.zero_stage, device=kind,
         device_memory=flops.device_memory_bytes(kind), peak_flops=flops.device_peak_flops(kind), mfu=mfu,
         attention=attention, stages=stages, activations=activation_bytes(config, sizes, attention),
         tokens_per_step=tokens_per_step,
@@ -340,13 +347,13 @@ def report(config: ml_collections.ConfigDict, result: Estimate) -> str:
     m, d = config.model, config.data
     state, memory_gb = result.state, result.device_memory / GB
     mesh = " ".join(f"{axis}={size}" for axis, size in result.mesh.items())
-    rows_per_device = d.batch_size // (result.mesh["data"] * result.mesh["fsdp"])
+    rows_per_device = d.batch_size // math.prod(result.mesh[axis] for axis in sharding_lib.DATA_AXES)
     lines = [
         f"model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads}/{m.num_kv_heads} heads, mlp {m.mlp_dim}, "
         f"vocab {m.vocab_size}; {m.param_dtype} parameters, {m.dtype} compute, remat {m.remat_policy}, "
         f"attention {result.attention}",
-        f"parameters: {result.parameters:,} ({result.parameters / 1e9:.2f} B)" if result.parameters >= 1e9 else
-        f"parameters: {result.parameters:,} ({result.parameters / 1e6:.2f} M)",
+        f"parameters: {_count(result.parameters)}" + (f", {_count(result.active_parameters)} active per token"
+                                                       if result.active_parameters != result.parameters else ""),
         f"target: {result.devices} x {result.device} ({result.device_memory / flops.GiB:.0f} GiB = {memory_gb:.1f} GB, "
         f"{result.peak_flops / 1e12:.0f} TFLOP/s bf16 peak), mesh {mesh}, ZeRO stage {result.zero_stage}, "
         f"optimizer {config.optim.optimizer}",

@@ -5,7 +5,7 @@ module: `make_mesh` / `default_mesh` for the mesh, `model_shardings(config, mesh
 the config's model (and optimizer state) on it, `abstract_arrays` for the `ShapeDtypeStruct`s that orbax restores
 into.
 
-One mesh with axes `data`, `fsdp`, `tensor`. Parameters carry logical axis names (`embed`, `heads`, ...; see
+One mesh with axes `data`, `fsdp`, `expert`, `tensor`. Parameters carry logical axis names (`embed`, `heads`, ...; see
 `lm.model`); `config.sharding.logical_axis_rules` maps them to mesh axes. ZeRO is nothing but a choice of shardings,
 and XLA's SPMD partitioner derives the collectives from them:
 
@@ -42,8 +42,12 @@ from lm import model as model_lib
 from lm import peft
 from lm.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-DATA_AXES = ("data", "fsdp")  # The data-parallel axes: batch and ZeRO partitioning.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# The data-parallel axes: batch and ZeRO partitioning. `expert` is one of them: the layers other than the experts are
+# data parallel over it (MaxText's layout), while the experts themselves are split over it (the `expert` rule).
+DATA_AXES = ("data", "fsdp", "expert")
+# Logical axes whose rules keep their data axes for parameters too: the experts of a mixture-of-experts layer.
+EXPERT_PARALLEL = ("expert",)
 # Leaves smaller than this stay replicated: partitioning them saves no memory worth a collective.
 MIN_SHARDED_ELEMENTS = 2 ** 12
 
@@ -128,7 +132,7 @@ def default_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
         return make_mesh(config.mesh, devices)
     except ConfigError:
         fallback = ml_collections.ConfigDict(config.mesh.to_dict())
-        fallback.update(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+        fallback.update(data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1)
         return make_mesh(fallback, devices)
 
 
@@ -167,10 +171,14 @@ def row_shards(batch: NamedSharding) -> int:
     return devices // batch.shard_shape((devices, 1))[0]
 
 
-def _without_axes(rules, removed: Sequence[str]):
-    """The rules with some mesh axes removed (e.g. parameters below ZeRO stage 3 are not split over data axes)."""
+def _without_axes(rules, removed: Sequence[str], keep: Sequence[str] = ()):
+    """The rules with some mesh axes removed (e.g. parameters below ZeRO stage 3 are not split over data axes),
+    except in the rules of the logical axes `keep`."""
     out = []
     for name, axes in rules:
+        if name in keep:
+            out.append((name, axes))
+            continue
         axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept = tuple(a for a in axes_tuple if a not in removed)
         out.append((name, kept[0] if len(kept) == 1 else (kept or None)))
@@ -224,7 +232,7 @@ class Shardings:
         self.rules = logical_rules(config)
         # The data axes in the rules place activations (`batch`); where parameters, gradients and optimizer state
         # sit along the data axes is ZeRO's choice, so parameters see the rules without them.
-        tensor_rules = _without_axes(self.rules, DATA_AXES)
+        tensor_rules = _without_axes(self.rules, DATA_AXES, keep=EXPERT_PARALLEL)
         is_spec = lambda x: isinstance(x, P)
         logical_specs = nn.get_partition_spec(boxed_params)
         self.abstract_params = nn.unbox(boxed_params)
@@ -298,12 +306,16 @@ def check_divisibility(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if config.data.batch_size % dp:
         raise ConfigError(
             f"config.data.batch_size={config.data.batch_size} must be divisible by the data-parallel size "
-            f"data*fsdp={dp}")
+            f"data*fsdp*expert={dp}")
     microbatches = config.optim.microbatches
     if config.data.batch_size % (dp * microbatches):
         raise ConfigError(
             f"config.data.batch_size={config.data.batch_size} must split into config.optim.microbatches="
-            f"{microbatches} micro-batches each divisible by data*fsdp={dp}")
+            f"{microbatches} micro-batches each divisible by data*fsdp*expert={dp}")
+    experts, expert_axis = config.model.moe.num_experts, mesh.shape["expert"]
+    if expert_axis > 1 and experts % expert_axis:
+        raise ConfigError(f"config.model.moe.num_experts={experts} must be divisible by the expert-parallel size "
+                          f"config.mesh.expert={expert_axis}")
     tensor = mesh.shape["tensor"]
     for field in ("num_heads", "vocab_size"):
         value = config.model[field]

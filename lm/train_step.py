@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lm import config as lm_config
 from lm import dpo
 from lm import model as model_lib
+from lm import moe as moe_lib
 from lm import objective
 from lm import optim
 from lm import peft
@@ -142,7 +143,8 @@ def objective_loss(config: ml_collections.ConfigDict, model: model_lib.Transform
 
     def lm_loss(p, frozen, batch, rng):
         loss, aux = objective.lm_loss(peft.combine(frozen, p), batch, model, config, rng=rng)
-        return loss, {name: aux[name] for name in ("nll", "z_loss", "accuracy", "weight_sum")}
+        return loss, {name: value for name, value in aux.items()
+                      if name in ("nll", "z_loss", "accuracy", "weight_sum") or name.startswith("moe/")}
 
     return lm_loss
 
@@ -192,6 +194,28 @@ def _loss_and_grads(params, frozen, batch, model, config, shardings: sharding_li
     return loss_sum / denominator, aux, grads
 
 
+def _balance_router_biases(params, load_le: jax.Array, config: ml_collections.ConfigDict):
+    """`params` with every MoE layer's router bias moved against its experts' load (DeepSeek-V3's auxiliary-loss-free
+    balancing, `lm.moe.updated_router_bias`); `load_le` `[moe layers, experts]` in the order `lm.model` sows them
+    (scanned: the `layers` stack; unscanned: `layers_{i}` from the first MoE layer on). The biases get no gradient,
+    so the optimizer leaves them alone (and `lm.optim` never decays a leaf named `bias`)."""
+    rate = config.model.moe.bias_update_rate
+    update = lambda bias_e, load_e: moe_lib.updated_router_bias(bias_e, load_e, rate)
+    params = dict(params)
+    if config.model.scan_layers:
+        layers = params["layers"]
+        params["layers"] = {**layers, "mlp": {**layers["mlp"], "router": {
+            **layers["mlp"]["router"], "bias": update(layers["mlp"]["router"]["bias"], load_le)}}}
+        return params
+    first_moe_layer = model_lib.layer_stacks(config.model)[-1][1]
+    for i in range(load_le.shape[0]):
+        name = f"layers_{first_moe_layer + i}"
+        router = params[name]["mlp"]["router"]
+        params[name] = {**params[name], "mlp": {**params[name]["mlp"], "router": {
+            **router, "bias": update(router["bias"], load_le[i])}}}
+    return params
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: model_lib.Transformer,
@@ -216,8 +240,11 @@ def make_train_step(
         with shardings.activation_rules():
             loss, aux, grads = _loss_and_grads(state.params, frozen, batch, model, config, shardings, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                               opt_state=opt_state)
+        params = optax.apply_updates(state.params, updates)
+        load_le = aux.pop("moe/load_le", None)
+        if load_le is not None and config.model.moe.bias_update_rate > 0 and config.finetune.method == "full":
+            params = _balance_router_biases(params, load_le, config)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         counted = "pairs" if config.data.format == "preference" else "tokens"
         metrics = {
             "loss": loss,

@@ -17,7 +17,23 @@ VARIANTS = [
      "model.qkv_bias": True, "model.attention_out_bias": True, "model.mlp_bias": True, "model.tie_embeddings": True},
     {"model.norm_position": "post", "model.num_kv_heads": 1},
     {"model.head_dim": 24, "model.qkv_bias": True, "model.mlp_bias": True},  # Heads not d_model / num_heads wide.
+    {"model.norm": "scalenorm", "model.position_embedding": "relative"},
+    {"model.attention_type": "mla", "model.mla.q_lora_rank": 32, "model.qkv_bias": True,
+     "model.attention_out_bias": True},
+    {"model.attention_type": "mla", "model.moe.num_experts": 8, "model.moe.shared_experts": 2,
+     "model.moe.first_dense_layers": 1, "model.mlp_bias": True},
+    {"model.moe.num_experts": 4, "model.mlp_activation": "gelu", "model.scan_layers": False},
 ]
+
+
+def test_active_parameters_leave_out_the_experts_a_token_is_not_routed_to():
+    config = lm_config.load("configs/tiny.py", **{"model.moe.num_experts": 8, "model.moe.experts_per_token": 2,
+                                                  "model.moe.first_dense_layers": 1})
+    m = config.model
+    unused_experts = (m.num_layers - 1) * (8 - 2) * 3 * m.d_model * m.moe.expert_dim
+    assert flops.active_param_count(config) == flops.param_count(config) - unused_experts
+    dense = lm_config.load("configs/tiny.py")
+    assert flops.active_param_count(dense) == flops.param_count(dense)
 
 
 def abstract_param_count(config):

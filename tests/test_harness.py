@@ -54,7 +54,7 @@ def imported(tmp_path_factory):
 
 
 def one_device_mesh():
-    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), sharding.MESH_AXES)
 
 
 def shipped_tasks():
@@ -82,7 +82,7 @@ def results(imported):
             workdir, batch_size=1, max_length=MAX_LENGTH, mesh=one_device_mesh()), tasks),
         "lm, (2, 2, 2) mesh, batch 32": run_tasks(harness_model.HarnessModel(
             workdir, batch_size=32, max_length=MAX_LENGTH,
-            mesh=jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 2), sharding.MESH_AXES)), tasks),
+            mesh=jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 1, 2), sharding.MESH_AXES)), tasks),
     }
 
 

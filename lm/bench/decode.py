@@ -8,6 +8,11 @@ parameters (speed does not depend on the weights) in two ways:
 - `recompute`: the way nanoGPT samples: each step runs the full forward pass over the sequence so far and keeps the
   last position's logits (jitted per length bucket of 32 tokens so it compiles a handful of times, not 256).
 Each is run once to compile, then timed once; tokens/s counts new tokens of all rows. The ratio is taken in this run.
+
+First it prints the KV cache's bytes per token (per layer and for the whole model) of the config's model as MHA,
+as GQA with a quarter of the key/value heads, and as MLA (`config.model.mla`'s ranks) at the same `d_model`, read
+from the `lm.model.KVCache` each would allocate, with each one's KV-cache decoding speed at the largest batch (MLA
+both absorbed and expanded, `config.model.mla.absorb`).
 """
 
 import time
@@ -16,6 +21,7 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
@@ -55,6 +61,31 @@ def kv_cache_decode(config, params, prompt_bt: np.ndarray, new_tokens: int) -> n
     return np.asarray(generate.generate(config, params, prompt_bt.tolist(), max_new_tokens=new_tokens))
 
 
+def attention_variants(config) -> dict[str, object]:
+    """The config's model as MHA, GQA (a quarter of the heads for keys and values) and MLA (absorbed and expanded
+    decoding), same `d_model`."""
+    variants = {}
+    for name, overrides in (("MHA", dict(num_kv_heads=config.model.num_heads)),
+                            ("GQA", dict(num_kv_heads=max(1, config.model.num_heads // 4))),
+                            ("MLA", dict(attention_type="mla", mla=dict(absorb=True))),
+                            ("MLA exp.", dict(attention_type="mla", mla=dict(absorb=False)))):
+        variant = ml_collections.ConfigDict(config.to_dict())
+        variant.model.update(overrides)
+        variants[name] = variant
+    return variants
+
+
+def cache_bytes_per_token(config) -> tuple[int, int]:
+    """Bytes the KV cache of `config`'s model allocates per token: `(per layer, whole model)`, measured on the
+    arrays `KVCache.zeros` makes (shapes only, nothing allocated)."""
+    cfg = model_lib.model_config(config)
+    slots = 128
+    cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, jnp.zeros((1,), jnp.int32), slots))
+    arrays = [a for a in (cache.key_lbsgh, cache.value_lbsgh) if a is not None]
+    total = sum(a.size * a.dtype.itemsize for a in arrays) // slots
+    return total // cfg.num_layers, total
+
+
 def timed(fn):
     fn()  # Compile (every program the timed run will use).
     start = time.perf_counter()
@@ -75,6 +106,17 @@ def main(argv):
     print(f"{config.model.num_layers} layers, d_model {config.model.d_model}, vocab {config.model.vocab_size}, "
           f"{config.model.dtype}; prompt {prompt_length} tokens, {new_tokens} new tokens, greedy, "
           f"{jax.devices()[0].device_kind}")
+    batch = max(int(b) for b in _BATCH_SIZES.value)
+    prompt_bt = np.random.default_rng(1).integers(0, config.model.vocab_size, (batch, prompt_length), dtype=np.int32)
+    print(f"{'attention':>9}  {'cache values/token/layer':>24}  {'bytes/token/layer':>17}  {'bytes/token':>11}  "
+          f"kv_cache tok/s (batch {batch})")
+    for name, variant in attention_variants(config).items():
+        per_layer, whole = cache_bytes_per_token(variant)
+        values = model_lib.KVCache.values_per_token(model_lib.model_config(variant))
+        variant_params = jax.device_put(nn.unbox(model_lib.init(model_lib.build(variant), jax.random.key(0))),
+                                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        seconds, _ = timed(lambda: kv_cache_decode(variant, variant_params, prompt_bt, new_tokens))
+        print(f"{name:>9}  {values:>24,}  {per_layer:>17,}  {whole:>11,}  {batch * new_tokens / seconds:>14,.0f}")
     print(f"{'batch':>5}  {'kv_cache tok/s':>14}  {'recompute tok/s':>15}  {'speed-up':>8}  same tokens")
     rng = np.random.default_rng(0)
     for batch in (int(b) for b in _BATCH_SIZES.value):
