@@ -16,6 +16,7 @@ d_model]`); a letter means the same axis in every module:
     1  an axis of size one kept for broadcasting
 
 Logical axis names for sharding (`batch`, `length`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`,
-`layers`) are the design's; `lm.sharding` maps them to the mesh axes `data`, `fsdp`, `tensor`. Adapters add
-`lora_rank` and `reft_rank` (no rule: replicated).
+`layers`, and `expert` for mixture-of-experts weights) are the design's; `lm.sharding` maps them to the mesh axes
+`data`, `fsdp`, `expert`, `tensor`. Adapters add `lora_rank` and `reft_rank`, MLA its latents `q_lora` and
+`kv_lora` (no rule: replicated).
 """

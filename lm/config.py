@@ -442,7 +442,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"config.model.num_heads={m.num_heads} must be divisible by config.model.num_kv_heads={m.num_kv_heads}")
-    if m.position_embedding == "rope":
+    if m.position_embedding == "rope" and m.attention_type != "mla":  # MLA rotates its own width (checked below).
         if head_dim(m) % 2:
             raise ConfigError(
                 f"config.model.position_embedding='rope' needs an even head dimension, but the head dimension is "

@@ -37,6 +37,8 @@ PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11], [42, 43, 44, 45, 46,
     (2, {}),  # GQA
     (1, {"model.scan_layers": False}),  # MQA, unrolled layers
     (2, {"model.position_embedding": "learned", "model.norm_position": "post", "model.norm": "layernorm"}),
+    (2, {"model.position_embedding": "relative", "model.norm": "scalenorm"}),
+    (4, {"model.position_embedding": "alibi", "model.scan_layers": False}),
 ])
 def test_kv_cache_logits_equal_full_forward_at_every_position(num_kv_heads, overrides):
     config, model, params = small_config(num_kv_heads, **overrides)

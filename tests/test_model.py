@@ -54,6 +54,10 @@ VARIANTS = [
     dict(position_embedding="sinusoidal", norm_position="post"),
     dict(position_embedding="none", num_kv_heads=1, init="xavier"),
     dict(num_kv_heads=4, init="he", scan_layers=False),
+    dict(norm="scalenorm", position_embedding="relative", relative_buckets=8, relative_max_distance=16),
+    dict(position_embedding="alibi", attention="blockwise"),
+    dict(attention_type="mla", mla=dict(q_lora_rank=8, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                        v_head_dim=12)),
 ]
 
 
@@ -121,9 +125,12 @@ def test_scanned_layers_equal_unrolled_stack(remat_policy):
         rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("position_embedding", ["rope", "learned", "sinusoidal"])
-def test_packed_documents_equal_documents_run_alone(position_embedding):
-    model, params = init_params(small_config(position_embedding=position_embedding))
+@pytest.mark.parametrize("overrides", [dict(position_embedding="rope"), dict(position_embedding="learned"),
+                                       dict(position_embedding="sinusoidal"), dict(position_embedding="relative"),
+                                       dict(position_embedding="alibi", attention="blockwise"),
+                                       dict(attention_type="mla")], ids=lambda o: ",".join(o.values()))
+def test_packed_documents_equal_documents_run_alone(overrides):
+    model, params = init_params(small_config(**overrides))
     doc_a, doc_b = random_tokens((1, 6), seed=2), random_tokens((1, 10), seed=3)
     packed_bt = jnp.concatenate([doc_a, doc_b], axis=1)
     segment_ids_bt = jnp.array([[1] * 6 + [2] * 10])

@@ -79,35 +79,35 @@ def test_expert_parallel_training_matches_one_device(capacity_factor):
     np.testing.assert_allclose(sum(float(metrics[f"moe/load/{e}"]) for e in range(8)), 1.0, rtol=1e-5)
 
 
-def _skewed(state, expert: int = 0, scale: float = 3.0):
-    """`state` with every MoE router pushed towards one expert: its router column set to a large multiple of one
-    direction, so nearly every token's top choice starts there."""
+def _skewed(state, expert: int = 0, scale: float = 0.3):
+    """`state` with every MoE router pushed towards one expert: its router column set to `scale` in every entry,
+    so the tokens whose features sum high start there."""
     kernel_lde = state.params["layers"]["mlp"]["router"]["kernel"]
-    skewed_lde = kernel_lde.at[:, :, expert].set(scale)
-    router = {**state.params["layers"]["mlp"]["router"], "kernel": skewed_lde}
+    router = {**state.params["layers"]["mlp"]["router"], "kernel": kernel_lde.at[:, :, expert].set(scale)}
     layers = {**state.params["layers"], "mlp": {**state.params["layers"]["mlp"], "router": router}}
     return state.replace(params={**state.params, "layers": layers})
 
 
-@pytest.mark.parametrize("balancing", ["aux_loss", "bias"])
-def test_load_balancing_drives_a_skewed_router_towards_uniform_load(balancing):
-    """A router that starts sending most tokens to one expert: Switch's auxiliary loss (through the router
-    probabilities), or DeepSeek-V3's bias (moved against the load after each step), brings the most loaded
-    expert under 1.3 times the mean load; with neither, the skew stays."""
-    settings = {"aux_loss": {"model.moe.aux_loss_coef": 1.0, "optim.learning_rate": 3e-2},
-                "bias": {"model.moe.aux_loss_coef": 0.0, "model.moe.bias_update_rate": 0.05}}
-    off = {"model.moe.aux_loss_coef": 0.0, "model.moe.bias_update_rate": 0.0}
-    results = {}
-    for name, overrides in (("balanced", settings[balancing]), ("off", off)):
-        config = moe_config(**{"model.moe.first_dense_layers": 0, "model.num_layers": 2, "total_steps": 60,
-                               **overrides})
+def test_load_balancing_drives_a_skewed_router_towards_uniform_load():
+    """A router that starts with one expert taking about twice the mean load, 60 steps on random tokens: Switch's
+    auxiliary loss (through the router probabilities) and DeepSeek-V3's bias (moved against the load after each
+    step) each bring the most loaded expert under 1.3 times the mean load; with neither, the skew stays."""
+    runs = {"off": {"model.moe.aux_loss_coef": 0.0},
+            "aux_loss": {"model.moe.aux_loss_coef": 1.0},
+            "bias": {"model.moe.aux_loss_coef": 0.0, "model.moe.bias_update_rate": 0.002}}
+    max_loads = {}
+    for name, overrides in runs.items():
+        config = moe_config(**{"model.moe.first_dense_layers": 0, "model.num_layers": 2, "model.d_model": 32,
+                               "data.batch_size": 32, "data.seq_len": 32, "optim.learning_rate": 1e-3,
+                               "total_steps": 60, **overrides})
         shardings, state, step = setup(config, jax.devices()[:1])
         state = _skewed(state)
         loads = []
         for batch in batches(config, 60):
             state, metrics = step(state, jax.device_put(batch, shardings.batch), {})
             loads.append(float(metrics["moe/max_load"]))
-        results[name] = loads
-    assert results["balanced"][0] > 2.0 and results["off"][0] > 2.0, "the router starts skewed"
-    assert results["balanced"][-1] < 1.3, results["balanced"][::10]
-    assert results["off"][-1] > 1.3, results["off"][::10]
+        max_loads[name] = loads
+    summary = {name: [round(x, 2) for x in loads[::10]] + [round(loads[-1], 2)] for name, loads in max_loads.items()}
+    assert all(loads[0] > 1.7 for loads in max_loads.values()), summary
+    assert max_loads["aux_loss"][-1] < 1.3 and max_loads["bias"][-1] < 1.3, summary
+    assert max_loads["off"][-1] > 1.5, summary

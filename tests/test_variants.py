@@ -106,6 +106,25 @@ def test_mla_parameters_follow_deepseek_and_carry_logical_axis_names():
     assert all(name[0] == "layers" and None not in name for name in names)
 
 
+@pytest.mark.parametrize("overrides", [dict(position_embedding="alibi"), MLA], ids=["alibi", "mla"])
+def test_blockwise_attention_in_the_model_equals_xla_in_values_and_gradients(overrides):
+    """Packed rows; MLA's narrower values are padded to its query/key width for the blockwise kernel."""
+    xla_model, params = init_params(small_config(**overrides))
+    blockwise_model = model_lib.build(small_config(attention="blockwise", **overrides))
+    tokens_bt = random_tokens((2, 16))
+    segment_ids_bt = jnp.asarray([[1] * 6 + [2] * 10, [1] * 16])
+    positions_bt = jnp.asarray([list(range(6)) + list(range(10)), list(range(16))])
+
+    def loss(params, model):
+        hidden_btd = model.apply({"params": params}, tokens_bt, positions_bt, segment_ids_bt)
+        return jnp.sum(jnp.sin(hidden_btd)), hidden_btd
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (xla_grads, xla_btd), (blockwise_grads, blockwise_btd) = grad(params, xla_model), grad(params, blockwise_model)
+    np.testing.assert_allclose(blockwise_btd, xla_btd, rtol=0, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), blockwise_grads, xla_grads)
+
+
 def _train(cache_dir: str, workdir: str, steps: int, **model_overrides) -> list[dict]:
     config = lm_config.load("configs/tiny.py", **{
         "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 2,

@@ -1,4 +1,5 @@
-"""Hugging Face interop: Llama-family, Mistral, Qwen2 and GPT-2 checkpoints in and out of lm.
+"""Hugging Face interop: Llama-family, Mistral, Qwen2, GPT-2 and DeepSeek-V3 (MLA + mixture of experts) checkpoints in
+and out of lm.
 
     python -m lm.hf import --hf=DIR_OR_HUB_ID --workdir=W [--config.a.b=value ...]
     python -m lm.hf export --workdir=W [--step=N] --out=DIR

@@ -4,7 +4,9 @@ Import (`load_params`): every parameter is built with `jax.make_array_from_callb
 each of its devices, only the rows of the Hugging Face tensor that cover the slice that device holds
 (`SafetensorsReader.read`, one read into one buffer, nothing memory-mapped). A parameter stacked over layers
 (`scan_layers`) is filled one layer at a time into its donated buffer, so the host never holds more than about one
-tensor beyond the model itself (`tests/test_hf.py` measures it).
+tensor beyond the model itself (`tests/test_hf.py` measures it). A stack of experts (`TensorMap.experts`) is read
+from one tensor per expert, each device reading only its own experts'; a permuted axis (`TensorMap.order`,
+DeepSeek-V3's rotary pairs: one head wide) is read whole.
 
 Export (`save_params`): process 0 writes `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards with
 `model.safetensors.index.json` when the tensors exceed `max_shard_bytes`, one Hugging Face tensor gathered at a
@@ -13,6 +15,7 @@ time.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -24,6 +27,7 @@ from jax.experimental import multihost_utils
 import ml_dtypes
 import numpy as np
 
+from lm import model as model_lib
 from lm.errors import CheckpointError
 import lm.hf.architectures as architectures
 from lm.hf.architectures import TensorMap
@@ -45,6 +49,8 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 
 class SafetensorsReader:
     """The tensors of a Hugging Face model directory: one `model.safetensors`, or the shards its index names.
+    `hf_config` is the directory's `config.json` (`{}` without one), for the layout options of its tensors that lm's
+    config does not carry (`architectures.tensors`).
 
     Reads the safetensors layout directly (an 8-byte header length, a JSON header of dtype, shape and byte offsets
     per tensor, then the row-major data): a slice is one read of the rows it covers, into one buffer. The
@@ -62,6 +68,10 @@ class SafetensorsReader:
         else:
             raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors weights "
                                   f"are read)")
+        self.hf_config: dict[str, Any] = {}
+        if os.path.isfile(os.path.join(directory, "config.json")):
+            with open(os.path.join(directory, "config.json")) as f:
+                self.hf_config = json.load(f)
         # name -> (file path, numpy dtype, shape, first byte of its data in the file)
         self._tensors: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
         for file in files:
@@ -147,11 +157,27 @@ def _flat_range(index: tuple[slice, ...], dims: tuple[int, ...]) -> tuple[int, i
 
 
 def read_shard(reader: SafetensorsReader, tensor: TensorMap, layer: int | None, shape: tuple[int, ...],
-               index: tuple[slice, ...]) -> np.ndarray:
+               index: tuple[slice, ...], expert: int | None = None) -> np.ndarray:
     """`lm_parameter[index]` of one layer (per-layer parameters, without the layers axis), `shape` being the
-    parameter's whole (per-layer) shape; reads only the rows and columns of the Hugging Face tensor that cover it."""
-    name = tensor.hf_name.format(layer=layer)
+    parameter's whole (per-layer) shape; reads only the rows and columns of the Hugging Face tensor that cover it
+    (the whole of a permuted last axis, `TensorMap.order`, which is one head's width). `expert`: which of an
+    `experts` parameter's tensors, once the experts are taken apart."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if tensor.experts:  # One tensor per expert along the first axis, each read into its place.
+        experts = range(*index[0].indices(shape[0]))
+        each = dataclasses.replace(tensor, experts=False)
+        out = None
+        for i, e in enumerate(experts):
+            part = read_shard(reader, each, layer, shape[1:], index[1:], expert=e)
+            if out is None:
+                out = np.empty((len(experts), *part.shape), part.dtype)
+            out[i] = part
+        return out
+    if tensor.order is not None:
+        whole = read_shard(reader, dataclasses.replace(tensor, order=None), layer, shape, (*index[:-1], slice(None)),
+                           expert)
+        return whole[..., np.asarray(tensor.order)[index[-1]]]
+    name = tensor.hf_name.format(layer=layer, expert=expert)
     a_start, a_stop, a_unflatten = _flat_range(index[:tensor.split], shape[:tensor.split])
     offset = tensor.block[0] if tensor.block else 0
     if tensor.split == len(shape):  # 1-D: every axis from the one.
@@ -175,35 +201,45 @@ def _unflatten_last(x: np.ndarray, unflatten, axes: int) -> np.ndarray:
 # Import.
 
 
-def _lm_place(path, scan_layers: bool) -> tuple[tuple[str, ...], bool, int | None]:
-    """(path relative to a block or the root, stacked over layers, layer number of an unscanned block)."""
+def _lm_place(path, config) -> tuple[tuple[str, ...], bool, list[int | None]]:
+    """(path relative to a block or the root, stacked over layers, the layer numbers it holds: a scanned stack's
+    along its leading axis, an unscanned block's one, `[None]` at the root)."""
     keys = tuple(getattr(k, "key", k) for k in path)
-    if scan_layers and keys[0] == "layers":
-        return keys[1:], True, None
+    if config.model.scan_layers:
+        for name, first, count, _ in model_lib.layer_stacks(config.model):
+            if keys[0] == name:
+                return keys[1:], True, list(range(first, first + count))
     if keys[0].startswith("layers_"):
-        return keys[1:], False, int(keys[0].removeprefix("layers_"))
-    return keys, False, None
+        return keys[1:], False, [int(keys[0].removeprefix("layers_"))]
+    return keys, False, [None]
 
 
 def _expected_shape(tensor: TensorMap, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if tensor.experts:
+        shape = shape[1:]
     a, b = math.prod(shape[:tensor.split]), math.prod(shape[tensor.split:])
     if tensor.split == len(shape):
         return (a,)
     return (b, a) if tensor.transpose else (a, b)
 
 
+def _hf_names(tensor: TensorMap, layer: int | None, per_layer_shape: tuple[int, ...]) -> list[str]:
+    """The Hugging Face tensors holding one layer of the parameter: one, or one per expert."""
+    experts = range(per_layer_shape[0]) if tensor.experts else [None]
+    return [tensor.hf_name.format(layer=layer, expert=e) for e in experts]
+
+
 def check_tensors(reader: SafetensorsReader, config, abstract_params) -> None:
     """Every lm parameter has its tensor, of the shape `config` implies, and no weight goes unused; CheckpointError
     naming the first tensor that does not fit (before anything is read)."""
-    maps = {t.lm_path: t for t in architectures.tensors(config)}
+    maps = {t.lm_path: t for t in architectures.tensors(config, reader.hf_config)}
     expected: dict[str, tuple[int, ...]] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
-        relative, stacked, layer = _lm_place(path, config.model.scan_layers)
+        relative, stacked, layers = _lm_place(path, config)
         tensor = maps[relative]
         per_layer_shape = leaf.shape[1:] if stacked else leaf.shape
         shape = _expected_shape(tensor, per_layer_shape)
-        for i in range(leaf.shape[0]) if stacked else [layer]:
-            name = tensor.hf_name.format(layer=i)
+        for name in (name for i in layers for name in _hf_names(tensor, i, per_layer_shape)):
             if tensor.block:  # A block of a fused tensor: the fused width is checked once all blocks are known.
                 shape = (*shape[:-1], max(tensor.block[1], expected.get(name, (0,))[-1]))
             expected[name] = shape
@@ -212,7 +248,7 @@ def check_tensors(reader: SafetensorsReader, config, abstract_params) -> None:
         raise CheckpointError(f"{reader.directory}: the weights lack {missing[0]!r} ({len(missing)} tensors missing) "
                               f"for this config")
     unused = [name for name in reader.names()
-              if name not in expected and not name.endswith(architectures.BUFFER_SUFFIXES)]
+              if name not in expected and not architectures.skipped(name, reader.hf_config)]
     if unused:
         raise CheckpointError(f"{reader.directory}: tensor {unused[0]!r} has no place in lm's model "
                               f"({len(unused)} unused); lm does not read this checkpoint's architecture options")
@@ -226,24 +262,24 @@ def check_tensors(reader: SafetensorsReader, config, abstract_params) -> None:
 def load_params(reader: SafetensorsReader, config, shardings) -> Any:
     """lm parameters (a tree of `jax.Array`s placed by `shardings.params`) read from `reader`, each device's slice
     straight into its place; dtypes are `config.model.param_dtype`."""
-    maps = {t.lm_path: t for t in architectures.tensors(config)}
+    maps = {t.lm_path: t for t in architectures.tensors(config, reader.hf_config)}
     check_tensors(reader, config, shardings.abstract_params)
 
     def load(path, leaf, sharding):
-        relative, stacked, layer = _lm_place(path, config.model.scan_layers)
+        relative, stacked, layers = _lm_place(path, config)
         tensor = maps[relative]
 
         def callback(layer, shape):
             return lambda index: np.asarray(read_shard(reader, tensor, layer, shape, index), dtype=leaf.dtype)
 
         if not stacked:
-            return jax.make_array_from_callback(leaf.shape, sharding, callback(layer, leaf.shape))
+            return jax.make_array_from_callback(leaf.shape, sharding, callback(layers[0], leaf.shape))
         layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
         stack = jax.jit(functools.partial(jax.numpy.zeros, leaf.shape, leaf.dtype), out_shardings=sharding)()
         put = _put_layer(sharding)
-        for i in range(leaf.shape[0]):
+        for i, layer in enumerate(layers):
             stack = put(stack, jax.make_array_from_callback(leaf.shape[1:], layer_sharding,
-                                                            callback(i, leaf.shape[1:])), i)
+                                                            callback(layer, leaf.shape[1:])), i)
         return stack
 
     return jax.tree_util.tree_map_with_path(load, shardings.abstract_params, shardings.params)
@@ -273,20 +309,32 @@ def hf_tensors(params, config):
     for tensor in architectures.tensors(config):
         by_name.setdefault(tensor.hf_name, []).append(tensor)
 
-    def lm_array(tensor: TensorMap, layer: int | None) -> np.ndarray:
+    def lm_array(tensor: TensorMap, layer: int | None, expert: int | None) -> np.ndarray:
         if not tensor.per_layer:
             return _to_host(_get(params, tensor.lm_path))
-        return _layer_array(params, config, tensor.lm_path, layer)
+        return _layer_array(params, config, tensor.lm_path, layer, expert)
 
     for template, parts in by_name.items():
-        for layer in range(config.model.num_layers) if parts[0].per_layer else [None]:
-            blocks = []  # M of each part, in column order (fused query/key/value), flattened as the layout says.
-            for tensor in sorted(parts, key=lambda t: t.block or (0, 0)):
-                lm = lm_array(tensor, layer)
-                a = math.prod(lm.shape[:tensor.split])
-                blocks.append(lm.reshape(a) if tensor.split == lm.ndim else lm.reshape(a, -1))
-            m = np.concatenate(blocks, axis=-1)
-            yield template.format(layer=layer), np.ascontiguousarray(m.T if parts[0].transpose else m)
+        parts = sorted(parts, key=lambda t: t.block or (0, 0))  # In column order (GPT-2's fused query/key/value).
+        for layer in _layers_of(parts[0], config):
+            for expert in range(config.model.moe.num_experts) if parts[0].experts else [None]:
+                blocks = []  # M of each part, flattened as the layout says.
+                for tensor in parts:
+                    lm = lm_array(tensor, layer, expert)
+                    if tensor.order is not None:
+                        lm = lm[..., np.argsort(tensor.order)]
+                    a = math.prod(lm.shape[:tensor.split])
+                    blocks.append(lm.reshape(a) if tensor.split == lm.ndim else lm.reshape(a, -1))
+                m = np.concatenate(blocks, axis=-1)
+                yield template.format(layer=layer, expert=expert), np.ascontiguousarray(m.T if parts[0].transpose
+                                                                                        else m)
+
+
+def _layers_of(tensor: TensorMap, config) -> range | list[None]:
+    """The layers that have `tensor`'s parameter (`[None]`: one at the root)."""
+    if not tensor.per_layer:
+        return [None]
+    return range(*tensor.layers) if tensor.layers else range(config.model.num_layers)
 
 
 def lora_tensors(adapters, config):
@@ -296,7 +344,7 @@ def lora_tensors(adapters, config):
     for tensor in architectures.tensors(config):
         if not tensor.per_layer or tensor.lm_path[-1] != "kernel":
             continue
-        for layer in range(config.model.num_layers):
+        for layer in _layers_of(tensor, config):
             try:
                 a, b = (_layer_array(adapters, config, (*tensor.lm_path[:-1], name), layer)
                         for name in ("lora_a", "lora_b"))
@@ -308,11 +356,16 @@ def lora_tensors(adapters, config):
             yield f"{module}.lora_B.weight", np.ascontiguousarray(b.reshape(r, -1).T)
 
 
-def _layer_array(params, config, path: tuple[str, ...], layer: int) -> np.ndarray:
-    """Layer `layer` of the per-layer parameter at `path` (relative to a block), on the host."""
+def _layer_array(params, config, path: tuple[str, ...], layer: int, expert: int | None = None) -> np.ndarray:
+    """Layer `layer` of the per-layer parameter at `path` (relative to a block), on the host; only expert `expert`
+    of an experts' stack when given (sliced before it leaves the devices)."""
     if config.model.scan_layers:
-        return _to_host(_get(params, ("layers", *path))[layer])
-    return _to_host(_get(params, (f"layers_{layer}", *path)))
+        name, first = next((name, first) for name, first, count, _ in model_lib.layer_stacks(config.model)
+                           if first <= layer < first + count)
+        array = _get(params, (name, *path))[layer - first]
+    else:
+        array = _get(params, (f"layers_{layer}", *path))
+    return _to_host(array if expert is None else array[expert])
 
 
 def _get(tree, keys: tuple[str, ...]):
