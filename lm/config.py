@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from lm import attention as attention_lib
 from lm import paths
 from lm.errors import CheckpointError, ConfigError
 
@@ -458,6 +459,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           f"{scaling.original_max_seq_len!r}")
     if m.logit_softcap is not None and not m.logit_softcap > 0:
         raise ConfigError(f"config.model.logit_softcap must be None or positive, got {m.logit_softcap!r}")
+    if m.attention == "splash" and config.data.seq_len % attention_lib.SPLASH_LANES:
+        raise ConfigError(f"config.model.attention='splash' works on lengths that are multiples of "
+                          f"{attention_lib.SPLASH_LANES}: config.data.seq_len={config.data.seq_len} is not")
     if config.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"config.model.max_seq_len={m.max_seq_len} is below the training length "
@@ -489,6 +493,9 @@ def _validate_variants(m: ml_collections.ConfigDict) -> None:
     if m.position_embedding == "relative" and m.attention in NO_BIAS_ATTENTION:
         raise ConfigError(f"config.model.position_embedding='relative' adds a learned bias to the scores, which "
                           f"config.model.attention={m.attention!r} cannot take; use 'xla', 'cudnn' or 'auto'")
+    if m.position_embedding == "alibi" and m.attention == "splash":
+        raise ConfigError("config.model.position_embedding='alibi' adds a bias to the scores, which "
+                          "config.model.attention='splash' cannot take; use 'blockwise', 'xla', 'cudnn' or 'auto'")
     moe = m.moe
     if moe.num_experts:
         if moe.experts_per_token > moe.num_experts:

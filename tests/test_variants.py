@@ -14,6 +14,7 @@ from lm import config as lm_config
 from lm import layers
 from lm import model as model_lib
 from lm import train as train_lib
+from lm import train_step as train_step_lib
 
 from test_generate import full_logits
 from test_model import init_params, random_tokens, small_config
@@ -145,3 +146,31 @@ def test_each_variant_learns_on_the_default_corpus(overrides, lm_cache, tmp_path
     first_loss = next(line["loss"] for line in lines if "loss" in line)
     eval_loss = next(line["eval_loss"] for line in lines if "eval_loss" in line)
     assert np.isfinite(eval_loss) and eval_loss < first_loss - 1.0, (first_loss, eval_loss)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(position_embedding="relative", attention="blockwise"), "cannot take; use 'xla'"),
+    (dict(position_embedding="alibi", attention="splash"), "config.model.attention='splash' cannot take"),
+    (dict(attention="splash"), "multiples of 128: config.data.seq_len=16"),
+    (dict(attention_type="mla", position_embedding="learned"), "set config.model.position_embedding='rope'"),
+    (dict(attention_type="mla", mla=dict(qk_rope_head_dim=7)), "qk_rope_head_dim=7 must be even"),
+    (dict(moe=dict(num_experts=4, experts_per_token=5)), "experts_per_token=5 must be at most"),
+    (dict(moe=dict(num_experts=6, num_groups=4)), "num_groups=4 must divide num_experts=6"),
+    (dict(moe=dict(num_experts=4, first_dense_layers=2)), "leaves no mixture-of-experts layer"),
+    (dict(norm="rmsnorm2"), "config.model.norm='rmsnorm2' is not one of rmsnorm, layernorm, scalenorm"),
+])
+def test_variant_misconfigurations_fail_in_one_line_before_compiling(overrides, message):
+    with pytest.raises(lm_config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        small_config(**overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_lora_targets_an_mla_model_lacks_and_experts_split_unevenly_are_refused():
+    config = small_config(attention_type="mla")
+    config.finetune.update(method="lora", lora=dict(targets=("query", "key")))
+    config.init_from = "/some/base"
+    with pytest.raises(lm_config.ConfigError, match="an MLA model has no key or value projection"):
+        lm_config.validate(config)
+    config = lm_config.load("configs/tiny.py", **{"model.moe.num_experts": 6, "mesh.expert": 4, "mesh.fsdp": 2})
+    with pytest.raises(lm_config.ConfigError, match="num_experts=6 must be divisible by the expert-parallel size"):
+        train_step_lib.build(config)
