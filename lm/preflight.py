@@ -112,7 +112,7 @@ def mesh_sizes(mesh_config: ml_collections.ConfigDict, devices: int | None = Non
 
 def tokens_per_device(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> int:
     """Tokens one device holds in one forward/backward pass: its rows of one micro-batch times the sequence length."""
-    data_parallel = sizes["data"] * sizes["fsdp"]
+    data_parallel = math.prod(sizes.get(axis, 1) for axis in sharding_lib.DATA_AXES)
     return config.data.batch_size // (data_parallel * config.optim.microbatches) * config.data.seq_len
 
 
@@ -231,12 +231,14 @@ class Estimate:
 
 def estimate(config: ml_collections.ConfigDict, sizes: dict[str, int], device: str = "h100",
              mfu: float = 0.4) -> Estimate:
-    """Everything the pre-flight reports, for `config` on a mesh of total axis `sizes` (`mesh_sizes`) of `device`s.
+    """Everything the pre-flight reports, for `config` on a mesh of total axis `sizes` (`mesh_sizes`; an axis not
+    named has size 1) of `device`s.
 
     Raises `ConfigError` for a config the mesh cannot run (batch or heads not divisible) and `PreflightError` for an
     unknown device or an MFU outside (0, 1].
     """
     kind = device_kind(device)
+    sizes = {axis: sizes.get(axis, 1) for axis in sharding_lib.MESH_AXES}
     if not 0 < mfu <= 1:
         raise PreflightError(f"--mfu={mfu} must be a fraction in (0, 1]")
     lm_config.validate(config)
@@ -299,7 +301,7 @@ def compiled_memory(config: ml_collections.ConfigDict, sizes: dict[str, int]) ->
                              f"--xla_force_host_platform_device_count={needed}")
     placed = config.copy_and_resolve_references()
     for axis in sharding_lib.MESH_AXES:  # The target's total sizes, all within this host.
-        placed.mesh[axis], placed.mesh[f"dcn_{axis}"] = sizes[axis], 1
+        placed.mesh[axis], placed.mesh[f"dcn_{axis}"] = sizes.get(axis, 1), 1
     training = train_step_lib.build(placed, devices[:needed])
     state = jax.eval_shape(training.init_state)
     batch = {name: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len),

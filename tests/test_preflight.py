@@ -16,7 +16,7 @@ from lm import model as model_lib
 from lm import optim
 from lm import preflight
 
-FSDP_64 = {"data": 1, "fsdp": 64, "tensor": 1}
+FSDP_64 = {"data": 1, "fsdp": 64, "expert": 1, "tensor": 1}
 
 
 def llama_8b_by_hand(config):
@@ -192,7 +192,7 @@ def test_mesh_and_device_arguments_fail_in_one_line():
     config = lm_config.load("configs/tiny.py")
     with pytest.raises(preflight.PreflightError, match="fsdp=-1.*--devices"):
         preflight.mesh_sizes(config.mesh)
-    assert preflight.mesh_sizes(config.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert preflight.mesh_sizes(config.mesh, 8) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
     with pytest.raises(lm_config.ConfigError, match="divisible by the data-parallel size"):
         preflight.estimate(config, {"data": 3, "fsdp": 1, "tensor": 1})
 

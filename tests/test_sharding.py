@@ -198,11 +198,11 @@ def test_indivisible_leaf_falls_back_to_replication():
     spec = sharding_lib.zero_spec(jax.sharding.PartitionSpec(None, None), (7, 4099), mesh)
     assert spec == jax.sharding.PartitionSpec(None, None)
     spec = sharding_lib.zero_spec(jax.sharding.PartitionSpec(None, None), (7, 4096), mesh)
-    assert spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+    assert spec == jax.sharding.PartitionSpec(None, ("data", "fsdp", "expert"))
 
 
 @pytest.mark.parametrize("mesh,overrides,message", [
-    ((2, 2, 1), {}, r"config\.mesh: data=2 x fsdp=2 x tensor=1 = 4 devices, but there are 8"),
+    ((2, 2, 1), {}, r"config\.mesh: data=2 x fsdp=2 x expert=1 x tensor=1 = 4 devices, but there are 8"),
     ((-1, -1, 1), {}, r"only one mesh axis may be -1, got data=-1, fsdp=-1"),
     ((8, 1, 1), {"data.batch_size": 12}, r"config\.data\.batch_size=12 must be divisible by the data-parallel size"),
     ((1, 4, 2), {"model.num_heads": 2, "model.num_kv_heads": 1, "model.d_model": 64, "model.mlp_dim": 128},
@@ -224,7 +224,7 @@ def test_invalid_meshes_fail_before_compiling(mesh, overrides, message):
 def test_mesh_fills_minus_one_and_table_prints():
     config = tiny_config((2, -1, 2), 3)
     shardings, state, _ = setup(config)
-    assert dict(shardings.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(shardings.mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     table = sharding_lib.sharding_table(state.params)
     assert "['embed']['embedding']" in table and "bytes per device" in table
 
