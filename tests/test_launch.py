@@ -177,20 +177,25 @@ def test_slurm_xla_flags_are_known_to_this_jaxlib():
     assert check.returncode == 0 and check.stdout == "3.0\n", check.stderr[-2000:]
 
 
+def _sizes(data, fsdp, tensor):
+    """`mesh_shape`'s answer: (ICI, DCN) sizes of each axis, `expert` unused (1, 1)."""
+    return {"data": data, "fsdp": fsdp, "expert": (1, 1), "tensor": tensor}
+
+
 def test_default_mesh_puts_hosts_on_the_data_axis():
     mesh = lm_config.base_config().mesh  # data=1, fsdp=-1, tensor=1, dcn_* = 1
-    assert sharding.mesh_shape(mesh, 8) == {"data": (1, 1), "fsdp": (8, 1), "tensor": (1, 1)}
+    assert sharding.mesh_shape(mesh, 8) == _sizes((1, 1), (8, 1), (1, 1))
     # Two hosts of 8: data crosses them, fsdp stays inside each.
-    assert sharding.mesh_shape(mesh, 16, granules=2) == {"data": (1, 2), "fsdp": (8, 1), "tensor": (1, 1)}
+    assert sharding.mesh_shape(mesh, 16, granules=2) == _sizes((1, 2), (8, 1), (1, 1))
     # One device per process (one process per GPU): no host structure to exploit, sizes as given.
-    assert sharding.mesh_shape(mesh, 16, granules=16) == {"data": (1, 1), "fsdp": (16, 1), "tensor": (1, 1)}
+    assert sharding.mesh_shape(mesh, 16, granules=16) == _sizes((1, 1), (16, 1), (1, 1))
     explicit = lm_config.base_config().mesh
     explicit.update(data=2, fsdp=4, tensor=2)  # Per-host sizes: 2 hosts of 16.
-    assert sharding.mesh_shape(explicit, 32, granules=2) == {"data": (2, 2), "fsdp": (4, 1), "tensor": (2, 1)}
+    assert sharding.mesh_shape(explicit, 32, granules=2) == _sizes((2, 2), (4, 1), (2, 1))
     explicit.update(data=2, fsdp=8, tensor=2)  # Sizes of the whole run are taken as given.
-    assert sharding.mesh_shape(explicit, 32, granules=2) == {"data": (2, 1), "fsdp": (8, 1), "tensor": (2, 1)}
+    assert sharding.mesh_shape(explicit, 32, granules=2) == _sizes((2, 1), (8, 1), (2, 1))
     explicit.update(data=1, fsdp=-1, tensor=1, dcn_fsdp=2)  # dcn_* given: followed.
-    assert sharding.mesh_shape(explicit, 16, granules=2) == {"data": (1, 1), "fsdp": (8, 2), "tensor": (1, 1)}
+    assert sharding.mesh_shape(explicit, 16, granules=2) == _sizes((1, 1), (8, 2), (1, 1))
 
 
 @pytest.mark.parametrize("env,message", [
