@@ -42,7 +42,7 @@ INVALID = [
     ({"data.batch_size": 0}, r"config\.data\.batch_size must be a positive integer"),
     ({"loss.chunk_size": 0}, r"config\.loss\.chunk_size must be a positive integer"),
     ({"model.norm": "batchnorm"}, r"config\.model\.norm='batchnorm' is not one of rmsnorm, layernorm"),
-    ({"model.position_embedding": "alibi"}, r"config\.model\.position_embedding='alibi' is not one of"),
+    ({"model.position_embedding": "rotary"}, r"config\.model\.position_embedding='rotary' is not one of"),
     ({"model.mlp_activation": "relu"}, r"config\.model\.mlp_activation='relu' is not one of"),
     ({"model.attention": "flash"}, r"config\.model\.attention='flash' is not one of"),
     ({"model.remat_policy": "some"}, r"config\.model\.remat_policy='some' is not one of"),
