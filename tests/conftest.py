@@ -1,5 +1,6 @@
-"""Test setup: 8 simulated CPU devices, set before JAX is imported anywhere, so every test can build real meshes; and
-the fixtures several modules share: one tokenizer/dataset cache, a runner for lm's programs, one small trained run.
+"""Test setup: 8 simulated CPU devices, set before JAX is imported anywhere, so every test can build real meshes,
+compiled for compile speed (`FAST_COMPILE`); and the fixtures several modules share: one tokenizer/dataset cache, a
+runner for lm's programs, one small trained run.
 """
 
 import io
@@ -12,7 +13,12 @@ import tempfile
 import pytest
 import sentencepiece
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA's CPU backend without LLVM's optimisations. The tests run tiny models for a few steps, so compiling is most of
+# their time: at level 0 it is 2-4x faster, while a step runs about 1.8x slower (the same computation, only less
+# optimised machine code). The notebooks' longer runs execute as a reader's would, without it (test_notebooks.py).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", FAST_COMPILE]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -42,12 +48,35 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
 
+@pytest.fixture
+def compilation_cache():
+    """The session's compilation cache, in this process, for one test: for tests that train the same config again
+    in-process (a straight run, a crashed one, its resume), whose later runs then load the executables the first
+    compiled. Opt-in, not session-wide: with it every compile of a program seen before is a cache read, which tests
+    that time or inspect compilation must not get."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    settings = {"jax_compilation_cache_dir": COMPILATION_CACHE, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    previous = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    jax_cache.reset_cache()  # JAX decides whether to use the cache once, at the first compile after a reset.
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        jax_cache.reset_cache()
+
+
 def environment(devices: int = 1) -> dict[str, str]:
-    """The environment of an lm program started by a test: `devices` simulated CPU devices, the session's
-    compilation cache."""
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    """The environment of an lm program started by a test: `devices` simulated CPU devices compiled for compile speed
+    (`FAST_COMPILE`), the session's compilation cache."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 @pytest.fixture(scope="session")

@@ -352,7 +352,7 @@ def test_to_global_arrays_builds_the_global_batch_on_a_mesh(cache_dir):
     import jax
 
     config = _config(cache_dir, source="synthetic")
-    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    mesh = jax.make_mesh((2, 4, 1, 1), sharding.MESH_AXES)
     local = next(pipeline.make_train_iterator(config, tokenizer=None))
     arrays = pipeline.to_global_arrays(local, sharding.batch_sharding(config, mesh))
     for k, v in arrays.items():
@@ -387,7 +387,7 @@ c.data.cache_dir = {str(tmp_path)!r}
 c.data.seq_len, c.data.batch_size = {SEQ_LEN}, 16
 it = pipeline.make_train_iterator(c, tokenizer=tokenizer.load({str(model_path)!r}))
 assert it.local_batch_size == 8
-mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+mesh = jax.make_mesh((2, 4, 1, 1), sharding.MESH_AXES)
 for _ in range(3):
     local = next(it)
     arrays = pipeline.to_global_arrays(local, sharding.batch_sharding(c, mesh))

@@ -120,13 +120,14 @@ def test_loreft_positions_edit_the_same_prompt_tokens_in_packed_training_scoring
     examples = [(jax.random.randint(keys[0], (6,), 1, 128), jax.random.randint(keys[1], (3,), 1, 128)),
                 (jax.random.randint(keys[2], (4,), 1, 128), jax.random.randint(keys[3], (4,), 1, 128))]
 
+    # Each path jitted, as lm runs it: one compile per shape instead of a few hundred of single operations.
     def scored(params, config):  # Completion log-probs, one example per row.
         model = model_lib.build(config)
+        score = jax.jit(lambda params, tokens_1t, prompt_length_1: objective.target_log_probs(
+            params, tokens_1t[:, :-1], tokens_1t[:, 1:], model, config, prompt_length_b=prompt_length_1)[0])
         log_probs = []
         for prompt, completion in examples:
-            tokens = jnp.concatenate([prompt, completion])[None]
-            log_prob_1t, _ = objective.target_log_probs(params, tokens[:, :-1], tokens[:, 1:], model, config,
-                                                        prompt_length_b=jnp.array([len(prompt)]))
+            log_prob_1t = score(params, jnp.concatenate([prompt, completion])[None], jnp.array([len(prompt)]))
             log_probs.append(log_prob_1t[0, len(prompt) - 1:])
         return jnp.concatenate(log_probs)
 
@@ -144,17 +145,19 @@ def test_loreft_positions_edit_the_same_prompt_tokens_in_packed_training_scoring
         ("inputs", inputs), ("targets", targets), ("weights", weights), ("segment_ids", segment_ids),
         ("positions", positions))}
     batch["weights"] = batch["weights"].astype(jnp.float32)
-    _, aux = objective.lm_loss(params, batch, model, config)
+    _, aux = jax.jit(lambda params, batch: objective.lm_loss(params, batch, model, config))(params, batch)
     np.testing.assert_allclose(float(aux["nll"]), -float(log_probs.mean()), rtol=1e-5)
     # Decoding: the prompt in one prefill, then the completion token by token, past the prompt's end.
+    decode = jax.jit(lambda params, tokens_1t, cache: model.apply({"params": params}, tokens_1t, cache,
+                                                                  method=model.decode))
     decoded = []
     for prompt, completion in examples:
         cache = model_lib.KVCache.zeros(model.cfg, jnp.zeros((1,), jnp.int32), len(prompt) + len(completion),
                                         prompt_end=len(prompt))
-        logits_1v, cache = model.apply({"params": params}, prompt[None], cache, method=model.decode)
+        logits_1v, cache = decode(params, prompt[None], cache)
         for token in completion:
             decoded.append(jax.nn.log_softmax(logits_1v[0])[token])
-            logits_1v, cache = model.apply({"params": params}, token[None, None], cache, method=model.decode)
+            logits_1v, cache = decode(params, token[None, None], cache)
     np.testing.assert_allclose(np.array(decoded), log_probs, atol=2e-5)
     # The positions matter: editing every position scores the completions differently.
     config_all = config.copy_and_resolve_references()
@@ -246,7 +249,8 @@ def _losses(workdir: str) -> list[float]:
     return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in line]
 
 
-def test_a_lora_run_saves_adapters_only_points_to_its_base_and_resumes_exactly(synthetic_base, tmp_path):
+def test_a_lora_run_saves_adapters_only_points_to_its_base_and_resumes_exactly(synthetic_base, tmp_path,
+                                                                               compilation_cache):
     straight = _peft_run(synthetic_base, str(tmp_path / "straight"))
     interrupted = str(tmp_path / "resumed")
     train_lib._faults.fail_at_step = 3  # A crash as step 3 starts; step 2's checkpoint is on disk.
@@ -289,11 +293,11 @@ def test_prefix_and_loreft_runs_train_adapters_that_evaluate_and_generate(synthe
         convert.export_adapter(run, str(tmp_path / "out"))
 
 
-def test_lora_adapter_loads_in_peft_and_matches_lm(synthetic_base, tmp_path):
+def test_lora_adapter_loads_in_peft_and_matches_lm(synthetic_base, tmp_path, compilation_cache):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft_hf = pytest.importorskip("peft")
-    run = _peft_run(synthetic_base, str(tmp_path / "lora"), total_steps=3)
+    run = _peft_run(synthetic_base, str(tmp_path / "lora"))  # The resume test's config: compiled by then.
     convert.export_checkpoint(synthetic_base, str(tmp_path / "base_hf"))
     convert.export_adapter(run, str(tmp_path / "adapter"))
     convert.export_checkpoint(run, str(tmp_path / "merged_hf"))
@@ -301,7 +305,7 @@ def test_lora_adapter_loads_in_peft_and_matches_lm(synthetic_base, tmp_path):
     restored = checkpoint.restore(run)
     lm_logits = np.asarray(logits(restored.config, restored.params, jnp.asarray(tokens)))
     base_logits = np.asarray(logits(peft.base_config(restored.config), peft.split(restored.params)[0], tokens))
-    assert np.abs(lm_logits - base_logits).max() > 1e-3  # Three steps moved the adapters.
+    assert np.abs(lm_logits - base_logits).max() > 1e-3  # Four steps moved the adapters.
     load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
     with torch.no_grad():
         peft_logits = peft_hf.PeftModel.from_pretrained(load(tmp_path / "base_hf"), tmp_path / "adapter")(
@@ -313,12 +317,12 @@ def test_lora_adapter_loads_in_peft_and_matches_lm(synthetic_base, tmp_path):
 
 def test_lora_on_a_2x2x2_mesh_matches_one_device():
     config = tiny_config("lora", **{"optim.learning_rate": 1e-2})
+    base = peft.split(nn.unbox(model_lib.init(model_lib.build(config), jax.random.key(7))))[0]  # For both meshes.
     losses = {}
     for name, mesh, devices in (("one", (1, 1, 1), jax.devices()[:1]), ("mesh", (2, 2, 2), jax.devices())):
         placed = config.copy_and_resolve_references()
         placed.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
         training = train_step_lib.build(placed, devices)
-        base = peft.split(nn.unbox(model_lib.init(training.model, jax.random.key(7))))[0]
         frozen = jax.device_put(base, training.shardings.frozen)
         state, step = training.init_state(), training.train_step()
         losses[name] = []

@@ -19,6 +19,7 @@ import time
 import jax
 import pytest
 
+from conftest import environment
 from lm import config as lm_config
 from lm import distributed
 from lm import sharding
@@ -42,7 +43,7 @@ PROBE = textwrap.dedent("""\
         distributed.initialize()
         distributed.initialize()  # A second call is a no-op.
         mesh = sharding.make_mesh(lm_config.base_config().mesh)
-        owners = np.vectorize(lambda d: d.process_index)(mesh.devices)[:, :, 0].tolist()
+        owners = np.vectorize(lambda d: d.process_index)(mesh.devices)[:, :, 0, 0].tolist()
         gathered = multihost_utils.process_allgather(np.array([jax.process_index()])).ravel().tolist()
         line = (f"process {jax.process_index()}/{jax.process_count()} mesh {dict(mesh.shape)} owners {owners} "
                 f"gathered {gathered}")
@@ -84,7 +85,7 @@ def cpu_env(devices_per_process, probe_out):
 def assert_two_processes_formed_one_run(probe_out, output):
     """Two processes of two devices: the data axis across them, fsdp within each, a collective across both."""
     lines = [(probe_out / f"{i}.txt").read_text() if (probe_out / f"{i}.txt").exists() else None for i in range(2)]
-    assert lines == [f"process {i}/2 mesh {{'data': 2, 'fsdp': 2, 'tensor': 1}} owners [[0, 0], [1, 1]] "
+    assert lines == [f"process {i}/2 mesh {{'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 1}} owners [[0, 0], [1, 1]] "
                      f"gathered [0, 1]" for i in range(2)], output
 
 
@@ -395,10 +396,10 @@ def test_tpu_pod_stops_before_touching_workers(tmp_path, args, state, message, g
 
 
 def test_gpu_check_smoke_runs_every_section_and_writes_its_figures(tmp_path):
-    """launch/gpu_check.sh --smoke: the GPU check's logic at tiny shapes on the CPU (one device)."""
+    """launch/gpu_check.sh --smoke: the GPU check's logic at tiny shapes on the CPU (one device, compiled as the
+    suite's lm programs are: it is mostly compiling)."""
     out = tmp_path / "out"
-    result = run(["bash", "launch/gpu_check.sh", "--smoke", f"--out={out}"], timeout=600,
-                 env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    result = run(["bash", "launch/gpu_check.sh", "--smoke", f"--out={out}"], timeout=600, env=environment())
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "gpu_check.json").read_text())
     assert results["environment"]["smoke"] and results["environment"]["jax"] == jax.__version__

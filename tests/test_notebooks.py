@@ -10,6 +10,10 @@ themselves (upward from the working directory, else the checkout `lm` is install
 
 `--write_images` is how the README pictures are made: it saves the figures of the cells tagged `readme-image` (the
 file name is in the cell's `metadata.readme_image`) from a real execution.
+
+The test may set a notebook's parameters (`TEST_PARAMETERS`): a cell assigning them is inserted after the notebook's
+cell tagged `parameters` (papermill's convention), so the test runs every cell as a reader would, on less work.
+`--write_images` executes the notebooks as stored.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK_NAMES = ("01_model_tour.ipynb", "02_restore_and_eval.ipynb", "03_finetune.ipynb")
 CELL_TIMEOUT_S = 600
+# Parameters the test sets, by notebook. 02's short training run (300 steps on 8 simulated devices) was most of the
+# notebook's time; 20 steps still train, evaluate, checkpoint and draw everything the later cells read.
+TEST_PARAMETERS = {"02_restore_and_eval.ipynb": {"TRAIN_STEPS": 20}}
 
 
 def _kernel_manager(kernel_dir: pathlib.Path):
@@ -42,8 +49,22 @@ def _kernel_manager(kernel_dir: pathlib.Path):
     return KernelManager(kernel_name="python3", kernel_spec_manager=spec_manager)
 
 
-def execute_notebook(name: str, scratch: pathlib.Path):
-    """Executes a copy of `notebooks/NAME` in `scratch`; returns the executed notebook and the wall time in seconds.
+def set_parameters(notebook, parameters: dict) -> None:
+    """Inserts a cell assigning `parameters` after the notebook's cell tagged `parameters`, which must assign each."""
+    import nbformat
+
+    tagged = [index for index, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"expected one cell tagged 'parameters', found {len(tagged)}"
+    for name in parameters:
+        assert re.search(rf"^{name} = ", notebook.cells[tagged[0]].source, re.MULTILINE), (
+            f"the parameters cell assigns no {name}")
+    source = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
+    notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+
+
+def execute_notebook(name: str, scratch: pathlib.Path, parameters: dict | None = None):
+    """Executes a copy of `notebooks/NAME` in `scratch`, with `parameters` set (`set_parameters`) if given; returns
+    the executed notebook and the wall time in seconds.
 
     Raises `nbclient.exceptions.CellExecutionError` naming the cell and the traceback if a cell fails.
     """
@@ -54,6 +75,8 @@ def execute_notebook(name: str, scratch: pathlib.Path):
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(NOTEBOOKS / name, work / name)
     notebook = nbformat.read(work / name, as_version=4)
+    if parameters:
+        set_parameters(notebook, parameters)
     kernel_dir = scratch / "kernels"
     kernel_dir.mkdir(exist_ok=True)
     kernel = _kernel_manager(kernel_dir)
@@ -61,9 +84,12 @@ def execute_notebook(name: str, scratch: pathlib.Path):
         notebook, km=kernel, timeout=CELL_TIMEOUT_S, startup_timeout=120, resources={"metadata": {"path": str(work)}})
     temp = scratch / "tmp"  # The notebooks' temporary directories (02's training run) go here and are removed.
     temp.mkdir(exist_ok=True)
+    # Without the test session's XLA_FLAGS (conftest.FAST_COMPILE would slow the notebooks' training runs): each
+    # notebook sets its own device count, and compiles as a reader's would.
+    env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
     start = time.perf_counter()
     try:
-        client.execute(env={**os.environ, "TMPDIR": str(temp)})
+        client.execute(env={**env, "TMPDIR": str(temp)})
     finally:
         # nbclient leaves a kernel it was given running: without this, each notebook's kernel (and its JAX thread
         # pools) would live, and take CPU, until the whole test session ends.
@@ -95,7 +121,8 @@ def test_notebook_is_stored_without_outputs(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOK_NAMES)
 def test_notebook_executes_without_errors_and_draws_figures(name, tmp_path):
-    notebook, seconds = execute_notebook(name, tmp_path)  # A failing cell raises CellExecutionError here.
+    # A failing cell raises CellExecutionError here.
+    notebook, seconds = execute_notebook(name, tmp_path, TEST_PARAMETERS.get(name))
     print(f"{name}: executed in {seconds:.1f} s")
     errors = [(index, output.get("ename"), output.get("evalue"))
               for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"

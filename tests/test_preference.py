@@ -238,7 +238,8 @@ def _metric_lines(workdir) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_a_dpo_run_starts_at_log_2_resumes_exactly_and_evaluates_against_its_reference(dpo_setup, tmp_path, method):
+def test_a_dpo_run_starts_at_log_2_resumes_exactly_and_evaluates_against_its_reference(dpo_setup, tmp_path, method,
+                                                                                      compilation_cache):
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_lib.train(_dpo_config(dpo_setup, method), straight)
     train_lib._faults.fail_at_step = 3  # A crash as step 3 starts; step 2's checkpoint is on disk.
@@ -277,7 +278,8 @@ def test_dpo_flops_count_the_reference_forward_and_preflight_the_reference_copy(
     assert copy == 2 * preflight.estimate(full_sft, sizes).stages[1].params
 
 
-def test_reference_log_probs_precomputed_with_the_data_train_like_the_reference_model(dpo_setup, tmp_path):
+def test_reference_log_probs_precomputed_with_the_data_train_like_the_reference_model(dpo_setup, tmp_path,
+                                                                                       compilation_cache):
     from lm import reference_log_probs
     from lm import train_step as train_step_lib
 

@@ -74,7 +74,7 @@ def test_ppo_raises_a_verifiable_reward_while_the_kl_stays_under_its_target(task
     assert {"policy/clipfrac", "value_loss", "entropy", "kl_coef", "policy/approxkl"} <= set(lines[-1])
 
 
-def test_ppo_resumes_bitwise_equal_to_an_uninterrupted_run(task, tmp_path):
+def test_ppo_resumes_bitwise_equal_to_an_uninterrupted_run(task, tmp_path, compilation_cache):
     config = _ppo_config(task, total_steps=3, checkpoint_every=2, **{"data.batch_size": 16, "rl.minibatches": 2,
                                                                        "rl.epochs": 2})
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
