@@ -79,19 +79,6 @@ def attention_mask(segment_ids_bt: jax.Array | None, length: int, causal: bool) 
     return mask
 
 
-def cache_attention_mask(start_b: jax.Array, first_slot: jax.Array, query_length: int, cache_length: int) -> jax.Array:
-    """Boolean mask `[b, 1, t, s]` for queries written to cache slots `first_slot + [0, t)` against all `s` slots.
-
-    Query slot q may attend key slot s when `start_b <= s <= q`: causal, and never the left padding before a row's
-    first real token (`start_b`), nor the slots not yet written (s > q).
-    """
-    slot_s = jnp.arange(cache_length)
-    query_slot_t = first_slot + jnp.arange(query_length)
-    causal_ts = slot_s[None, :] <= query_slot_t[:, None]
-    not_padding_bs = slot_s[None, :] >= start_b[:, None]
-    return (causal_ts[None] & not_padding_bs[:, None, :])[:, None]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # ALiBi (Press et al. 2022, "Train short, test long").
 
@@ -181,7 +168,7 @@ def dot_product_attention(
       segment_ids_bt: int `[batch, length]` document ids of packed rows; tokens attend only within their segment.
       causal: mask future keys (query and key positions aligned, t == s).
       mask_b1ts: an explicit boolean mask `[batch, 1, length, kv_length]` (decoding against a KV cache, where
-        t != s; see `cache_attention_mask`), combined with the others. `blockwise` and `splash` hand it to `xla`.
+        t != s; see `lm.kv_cache.Slots.mask`), combined with the others. `blockwise` and `splash` hand it to `xla`.
       alibi_slopes_n: fp32 `[heads]` ALiBi slopes (`alibi_slopes`): adds `-slope * (query_index - key_index)` to
         the scores. Not differentiated (the slopes are fixed). `xla`, `cudnn` and `blockwise` only.
       query_offset: int or int32 scalar, the key index of the first query row, for ALiBi's distances: 0 in training,

@@ -7,7 +7,7 @@ d d_model, n query heads, g key/value heads, h head dim, k rotary frequencies, f
 
 `Transformer.__call__` returns the final-normed hidden states; the LM head is not applied there. Training passes the
 head's kernel (`Transformer.output_kernel`, `[d, v]`) to `lm.loss.cross_entropy`, which applies it chunk by chunk over
-the vocabulary. Decoding (`lm.generate`) calls `Transformer.decode`, which runs new tokens against a `KVCache` and
+the vocabulary. Decoding (`lm.generate`) calls `Transformer.decode`, which runs new tokens against a `lm.kv_cache.KVCache` and
 returns logits for the last position only. Wherever logits are formed (`Transformer.logits`, the blockwise loss),
 `config.model.logit_softcap` caps them the same way, so sampling draws from the distribution that was trained.
 
@@ -29,7 +29,6 @@ import functools
 import math
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ import ml_collections
 from lm import attention as attention_lib
 from lm import moe as moe_lib
 from lm import peft
+from lm.kv_cache import KVCache
 from lm.layers import Mlp, Norm, Projection, kernel_init, lora
 from lm.config import head_dim, loreft_positions
 
@@ -114,75 +114,14 @@ def relative_buckets(query_index_t: jax.Array, key_index_s: jax.Array, num_bucke
     return jnp.where(distance_ts < exact, distance_ts, jnp.minimum(far_ts, num_buckets - 1)).astype(jnp.int32)
 
 
-@flax.struct.dataclass
-class KVCache:
-    """Keys and values of every layer for decoding, written slot by slot.
-
-    Rows of a batch are left-padded so all rows write the same slot at each step: row b's text starts at slot
-    `start_b[b]`; slots before it are padding that no query attends to.
-
-    key_lbsgh, value_lbsgh: `[layers, batch, max_len, kv_heads, head_dim]` in the compute dtype, logical axes
-      `axes(cfg)` (sharded by the config's rules like every activation). MLA (`LatentAttention`) keeps one array,
-      `key_lbsgh` `[layers, batch, max_len, 1, kv_lora_rank + qk_rope_head_dim]`: each token's normed key/value
-      latent and its shared rotary key, the only per-token state MLA needs; `value_lbsgh` is None.
-    index: int32 scalar, the number of slots written; the next token goes to slot `index`.
-    start_b: int32 `[batch]`, the first slot of each row's text.
-    prompt_end: int32 scalar, the slot after every row's prompt (slots before it hold the prompt, read by LoReFT runs
-      that edit chosen positions of the prompt, `lm.peft`).
-    """
-
-    key_lbsgh: jax.Array
-    value_lbsgh: jax.Array | None
-    index: jax.Array
-    start_b: jax.Array
-    prompt_end: jax.Array
-
-    @staticmethod
-    def axes(cfg) -> tuple[str | None, ...]:
-        """Logical axes of the cache arrays: MLA's single latent head is replicated over `kv_heads`' mesh axis."""
-        if cfg.attention_type == "mla":
-            return ("layers", "batch", "length", None, None)
-        return ("layers", "batch", "length", "kv_heads", "head_dim")
-
-    @staticmethod
-    def values_per_token(cfg) -> int:
-        """Numbers the cache keeps per token per layer: `2 * kv_heads * head_dim`, or MLA's
-        `kv_lora_rank + qk_rope_head_dim`."""
-        if cfg.attention_type == "mla":
-            return cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
-        return 2 * cfg.num_kv_heads * head_dim(cfg)
-
-    @classmethod
-    def zeros(cls, cfg, start_b: jax.Array, max_len: int, prompt_end: int | None = None) -> "KVCache":
-        """An empty cache for `len(start_b)` rows of up to `max_len` slots whose prompts end at slot `prompt_end`
-        (default: every slot is prompt). `cfg`: `model_config(config)`."""
-        rows = (cfg.num_layers, start_b.shape[0], max_len)
-        if cfg.attention_type == "mla":
-            key_shape, value_shape = (*rows, 1, cls.values_per_token(cfg)), None
-        else:
-            key_shape = value_shape = (*rows, cfg.num_kv_heads, head_dim(cfg))
-        empty = lambda shape: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), cls.axes(cfg))
-        return cls(empty(key_shape), None if value_shape is None else empty(value_shape), jnp.zeros((), jnp.int32),
-                   start_b.astype(jnp.int32), jnp.int32(max_len if prompt_end is None else prompt_end))
-
-    def positions(self, length: int) -> jax.Array:
-        """int32 `[batch, length]` positions of the next `length` tokens within their rows' text (0 on padding)."""
-        slot_t = self.index + jnp.arange(length)
-        return jnp.maximum(slot_t[None, :] - self.start_b[:, None], 0)
-
-
-def _write_slots(cache_bs__: jax.Array, new_bt__: jax.Array, index: jax.Array) -> jax.Array:
-    """The layer cache `[b, s, ...]` with `new_bt__` `[b, t, ...]` written to slots `index + [0, t)`."""
-    return jax.lax.dynamic_update_slice_in_dim(cache_bs__, new_bt__.astype(cache_bs__.dtype), index, axis=1)
-
-
-def _attention_biases(cfg, query_offset, bias_1nts):
-    """The keyword arguments that add position biases to the scores: ALiBi's slopes (the first query row at key
-    index `query_offset`) or T5's relative bias `bias_1nts` (from `Transformer`); none for other encodings."""
+def _attention_biases(cfg, bias_bnts, cached: bool):
+    """The keyword arguments that add position biases to the scores. Against a cache, `bias_bnts` is the whole
+    bias `[b, n, t, s]` of ALiBi or T5's relative positions (`Transformer._position_bias`, from each row's slots);
+    in training, ALiBi's slopes (the kernels form its bias block by block) or the relative bias `[1, n, t, s]`."""
+    if cached or cfg.position_embedding == "relative":
+        return {} if bias_bnts is None else {"bias_1nts": bias_bnts}
     if cfg.position_embedding == "alibi":
-        return {"alibi_slopes_n": attention_lib.alibi_slopes(cfg.num_heads), "query_offset": query_offset}
-    if cfg.position_embedding == "relative":
-        return {"bias_1nts": bias_1nts}
+        return {"alibi_slopes_n": attention_lib.alibi_slopes(cfg.num_heads)}
     return {}
 
 
@@ -190,10 +129,11 @@ class Attention(nn.Module):
     """Causal self-attention with `num_kv_heads` key/value heads (MHA, GQA or MQA), with RoPE, ALiBi or a relative
     bias (`bias_1nts`, T5's, computed once per forward by `Transformer`) as `config.model.position_embedding` says.
 
-    With `layer_cache = (key_bsgh, value_bsgh, index, start_b)` (one layer of a `KVCache`), the new keys and values
-    are written to slots `index + [0, t)` and the queries attend to the whole cache; the updated
-    `(key_bsgh, value_bsgh)` are returned beside the output (None without a cache). `peft`: the frozen
-    `config.finetune` section of a run with adapters (`lm.peft`: LoRA on the projections, gated prefixes), or None.
+    With `layer_cache = (key, value, slots)` (one layer of a `lm.kv_cache.KVCache`, contiguous or paged, and its
+    `Slots`), the new keys and values are written to each row's slots `index_b + [0, t)` and the queries attend to
+    the row's whole cache; the updated `(key, value)` are returned beside the output (None without a cache).
+    `peft`: the frozen `config.finetune` section of a run with adapters (`lm.peft`: LoRA on the projections, gated
+    prefixes), or None.
     """
 
     cfg: ml_collections.FrozenConfigDict
@@ -221,16 +161,15 @@ class Attention(nn.Module):
             out_btnh = attention_lib.dot_product_attention(
                 q_btnh, k_btgh, v_btgh, segment_ids_bt=segment_ids_bt, causal=True, implementation=cfg.attention,
                 max_segments=cfg.attention_max_segments,
-                **_attention_biases(cfg, 0, bias_1nts))
+                **_attention_biases(cfg, bias_1nts, cached=False))
         else:
-            key_bsgh, value_bsgh, index, start_b = layer_cache
-            key_bsgh, value_bsgh = _write_slots(key_bsgh, k_btgh, index), _write_slots(value_bsgh, v_btgh, index)
-            new_cache = (key_bsgh, value_bsgh)
-            mask_b1ts = attention_lib.cache_attention_mask(start_b, index, x_btd.shape[1], key_bsgh.shape[1])
+            key_cache, value_cache, slots = layer_cache
+            new_cache = (slots.write(key_cache, k_btgh), slots.write(value_cache, v_btgh))
+            key_bsgh, value_bsgh = slots.read(new_cache[0]), slots.read(new_cache[1])
             # The XLA path: a few query rows against the cache is a small matrix-vector product, not flash-attention.
             out_btnh = attention_lib.dot_product_attention(
-                q_btnh, key_bsgh, value_bsgh, causal=False, mask_b1ts=mask_b1ts, implementation="xla",
-                **_attention_biases(cfg, index, bias_1nts))
+                q_btnh, key_bsgh, value_bsgh, causal=False, mask_b1ts=slots.mask(x_btd.shape[1], key_bsgh.shape[1]),
+                implementation="xla", **_attention_biases(cfg, bias_1nts, cached=True))
         if self.peft is not None and self.peft.method == "prefix":
             out_btnh = out_btnh + peft.Prefix(cfg, self.peft.prefix, h, name="prefix")(q_btnh)
         out_btnh = nn.with_logical_constraint(out_btnh, ("batch", "length", "heads", "head_dim"))
@@ -301,10 +240,10 @@ class LatentAttention(nn.Module):
                 jnp.concatenate([q_nope_btnp, q_rope_btno], -1), k_btnh, v_btnu, segment_ids_bt=segment_ids_bt,
                 causal=True, implementation=implementation, max_segments=cfg.attention_max_segments)[..., :u]
         else:
-            cache_bs1e, _, index, start_b = layer_cache
-            cache_bs1e = _write_slots(cache_bs1e, jnp.concatenate([latent_btc[:, :, None], k_rope_bt1o], -1), index)
-            new_cache = (cache_bs1e, None)
-            mask_b1ts = attention_lib.cache_attention_mask(start_b, index, x_btd.shape[1], cache_bs1e.shape[1])
+            latent_cache, _, slots = layer_cache
+            new_cache = (slots.write(latent_cache, jnp.concatenate([latent_btc[:, :, None], k_rope_bt1o], -1)), None)
+            cache_bs1e = slots.read(new_cache[0])
+            mask_b1ts = slots.mask(x_btd.shape[1], cache_bs1e.shape[1])
             if mla.absorb:
                 q_latent_btnc = jnp.einsum("btnp,cnp->btnc", q_nope_btnp, kv_up_cnh[..., :p])
                 # Scores must be scaled by 1/sqrt(p + o), the width of the expanded heads, not by the attention's own
@@ -343,9 +282,10 @@ class Block(nn.Module):
     post-norm: x = norm(x + attn(x)); x = norm(x + mlp(x))
     Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast), layer (scanned), reft (broadcast),
     bias (broadcast)) -> (carry, (new kv, moe stats))` so it can be stacked with `nn.scan`; `kv = (key_bsgh,
-    value_bsgh)` and `slots = (index, start_b)` are None unless decoding; `layer` is this layer's index (int32
+    value_bsgh)` and `slots` (`lm.kv_cache.Slots`) are None unless decoding; `layer` is this layer's index (int32
     scalar). A LoReFT run edits the output (`lm.peft.Reft`) at the tokens `reft_bt` marks (bool `[b, t]`; None: every
-    token). `bias_1nts`: the relative position bias of `position_embedding = "relative"` (else None). With `moe`, the
+    token). `bias_1nts`: the position bias of `position_embedding = "relative"`, or of `"alibi"` against a cache
+    (`Transformer._position_bias`; else None). With `moe`, the
     MLP is `lm.moe.MoeMlp` and its routing statistics come out beside the cache (`{}` for a dense MLP); padding
     (segment id 0) is kept out of them.
     """
@@ -367,7 +307,7 @@ class Block(nn.Module):
         else:
             dense_mlp = Mlp(cfg, self.peft, name="mlp")
             mlp = lambda x: (dense_mlp(x), {})
-        layer_cache = None if kv is None else (*kv, *slots)
+        layer_cache = None if kv is None else (*kv, slots)
         if cfg.norm_position == "pre":
             attended_btd, kv = attention(
                 Norm(cfg, name="attention_norm")(x_btd), positions_bt, segment_ids_bt, layer_cache)
@@ -487,23 +427,36 @@ class Transformer(nn.Module):
         hidden_btd, _ = self._layers(tokens_bt, positions_bt, segment_ids_bt, prompt_lengths_bt, cache=None)
         return hidden_btd
 
-    def decode(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Runs `t` new tokens per row against `cache` (a prompt, then one token per step).
+    def decode(self, tokens_bt: jax.Array, cache: KVCache, lengths_b: jax.Array | None = None,
+               all_logits: bool = False) -> tuple[jax.Array, KVCache]:
+        """Runs up to `t` new tokens per row against `cache` (a prompt or a chunk of one, a drafted run of tokens
+        to verify, or one token per step).
 
         Args:
-          tokens_bt: int `[batch, t]`, written to cache slots `cache.index + [0, t)`.
+          tokens_bt: int `[batch, t]`, written to each row's cache slots `index_b + [0, t)`.
           cache: the `KVCache` of everything before them.
+          lengths_b: int32 `[batch]`, how many of the t tokens of each row are real (default all): the row's write
+            position advances by that many, so what follows overwrites the rest (a server batch mixing rows that
+            prefill a chunk with rows that decode one token).
+          all_logits: return the logits of every position (speculative verification), not just each row's last.
 
         Returns:
-          fp32 logits `[batch, vocab]` of the token after the last one (only that position's, never
-          `[batch, t, vocab]`), and the cache with the new keys and values and `index` advanced by `t`.
+          fp32 logits `[batch, vocab]` of the token after each row's last real one (only that position's, never
+          `[batch, t, vocab]`), or `[batch, t, vocab]` with `all_logits`; and the cache with the new keys and values
+          and each row's `index_b` advanced.
         """
-        length = tokens_bt.shape[1]
-        prompt_lengths_bt = jnp.broadcast_to((cache.prompt_end - cache.start_b)[:, None], tokens_bt.shape)
+        batch, length = tokens_bt.shape
+        slots = cache.slots
+        prompt_lengths_bt = jnp.broadcast_to((cache.prompt_end - slots.start_b)[:, None], tokens_bt.shape)
         hidden_btd, (key_lbsgh, value_lbsgh) = self._layers(
-            tokens_bt, cache.positions(length), None, prompt_lengths_bt, cache=cache)
-        cache = cache.replace(key_lbsgh=key_lbsgh, value_lbsgh=value_lbsgh, index=cache.index + length)
-        return self.logits(hidden_btd[:, -1]), cache
+            tokens_bt, slots.positions(length), None, prompt_lengths_bt, cache=cache)
+        advance_b = jnp.full((batch,), length, jnp.int32) if lengths_b is None else lengths_b.astype(jnp.int32)
+        cache = cache.replace(key_lbsgh=key_lbsgh, value_lbsgh=value_lbsgh).with_slots(
+            index_b=slots.index_b + advance_b)
+        if all_logits:
+            return self.logits(hidden_btd), cache
+        last_bd = jnp.take_along_axis(hidden_btd, (advance_b - 1)[:, None, None], axis=1)[:, 0]
+        return self.logits(last_bd), cache
 
     def _reft_positions(self) -> tuple[int, int] | None:
         """`(first, last)` prompt tokens a LoReFT run edits (`lm.config.loreft_positions`); None: every token, or not
@@ -524,8 +477,8 @@ class Transformer(nn.Module):
             x_btd = x_btd + sinusoidal_positions(positions_bt, cfg.d_model).astype(cfg.dtype)
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
         kv_lbsgh = None if cache is None else (cache.key_lbsgh, cache.value_lbsgh)
-        slots = None if cache is None else (cache.index, cache.start_b)
-        bias_1nts = self._relative_bias(tokens_bt.shape[1], cache)
+        slots = None if cache is None else cache.slots
+        bias_1nts = self._position_bias(tokens_bt.shape[1], cache)
         stats = []  # Per stack (scanned) or per layer: the MoE layers' routing statistics.
         if cfg.scan_layers:
             per_stack = []
@@ -551,27 +504,35 @@ class Transformer(nn.Module):
             # Every MoE layer's statistics, `[moe layers, ...]`: what `moe_stats_of` reads after `apply`.
             self.sow("intermediates", "moe", jax.tree.map(lambda *a: jnp.concatenate(a), *moe_stats))
         if kv_lbsgh is not None:
-            kv_lbsgh = jax.tree.map(lambda a: nn.with_logical_constraint(a, KVCache.axes(cfg)), kv_lbsgh)
+            kv_lbsgh = jax.tree.map(lambda a: nn.with_logical_constraint(a, KVCache.axes(cfg, cache.is_paged)),
+                                    kv_lbsgh)
         if cfg.norm_position == "pre":
             x_btd = self.final_norm(x_btd)
         return nn.with_logical_constraint(x_btd, ("batch", "length", "embed")), kv_lbsgh
 
-    def _relative_bias(self, length: int, cache: KVCache | None) -> jax.Array | None:
-        """fp32 `[1, n, t, s]`: T5's learned bias of each head for each query/key pair (by the bucket of their
-        distance, `relative_buckets`), shared by every layer; None unless `position_embedding = "relative"`.
+    def _position_bias(self, length: int, cache: KVCache | None) -> jax.Array | None:
+        """fp32 bias on the scores of every layer, by how far each key lies behind each query: T5's learned bias of
+        each head by distance bucket (`relative_buckets`) `[1, n, t, t]` in training; against a cache, that or
+        ALiBi's (`lm.attention.alibi_bias`) `[b, n, t, s]` from each row's own slots. None for other encodings (and
+        ALiBi in training, which the attention kernels form from the slopes block by block).
 
         Distances are taken between slots, which equal distances between positions wherever attention is allowed:
         a packed row's documents never attend to each other, and a cache row's padding is never attended.
         """
         cfg = self.cfg
-        if cfg.position_embedding != "relative":
+        if cfg.position_embedding not in ("relative", "alibi") or (cache is None and cfg.position_embedding == "alibi"):
             return None
-        first_query = 0 if cache is None else cache.index
-        keys = length if cache is None else cache.key_lbsgh.shape[2]
-        buckets_ts = relative_buckets(first_query + jnp.arange(length), jnp.arange(keys), cfg.relative_buckets,
-                                      cfg.relative_max_distance)
-        bias_tsn = jnp.take(self.relative_bias.astype(jnp.float32), buckets_ts, axis=0)
-        return jnp.transpose(bias_tsn, (2, 0, 1))[None]
+        if cache is None:
+            query_bt, key_s = jnp.arange(length)[None], jnp.arange(length)
+        else:
+            query_bt, key_s = cache.slots.query_slots(length), jnp.arange(cache.slot_count)
+        if cfg.position_embedding == "alibi":
+            slopes_n = attention_lib.alibi_slopes(cfg.num_heads)
+            return jax.vmap(lambda query_t: attention_lib.alibi_bias(slopes_n, query_t, key_s))(query_bt)
+        buckets_bts = jax.vmap(lambda query_t: relative_buckets(
+            query_t, key_s, cfg.relative_buckets, cfg.relative_max_distance))(query_bt)
+        bias_btsn = jnp.take(self.relative_bias.astype(jnp.float32), buckets_bts, axis=0)
+        return jnp.transpose(bias_btsn, (0, 3, 1, 2))
 
     def output_kernel(self) -> jax.Array:
         """The LM head `[d_model, vocab]` in the compute dtype (the transposed embedding when tied)."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import attention, errors
+from lm import attention, errors, kv_cache
 
 
 def _qkv(t, n=4, g=2, h=16, b=2, seed=0):
@@ -195,7 +195,7 @@ def test_alibi_rows_against_a_cache_equal_those_rows_of_the_full_sequence():
     k_cache, v_cache = jnp.where(written_1s11, k, garbage), jnp.where(written_1s11, v, garbage)
     slopes = attention.alibi_slopes(4)
     full = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, alibi_slopes_n=slopes))(q, k, v)
-    mask_b1ts = attention.cache_attention_mask(jnp.zeros(2, jnp.int32), jnp.int32(40), 4, 64)
+    mask_b1ts = kv_cache.Slots(jnp.full((2,), 40, jnp.int32), jnp.zeros(2, jnp.int32)).mask(4, 64)
     for implementation in ("xla", "blockwise"):
         decode = jax.jit(lambda q, offset: attention.dot_product_attention(
             q, k_cache, v_cache, causal=False, mask_b1ts=mask_b1ts, alibi_slopes_n=slopes, query_offset=offset,

@@ -22,6 +22,7 @@ from lm import config as lm_config
 from lm import evaluate as evaluate_lib
 from lm import flops
 from lm import generate
+from lm import kv_cache
 from lm import model as model_lib
 from lm import objective
 from lm import peft
@@ -152,7 +153,7 @@ def test_loreft_positions_edit_the_same_prompt_tokens_in_packed_training_scoring
                                                                   method=model.decode))
     decoded = []
     for prompt, completion in examples:
-        cache = model_lib.KVCache.zeros(model.cfg, jnp.zeros((1,), jnp.int32), len(prompt) + len(completion),
+        cache = kv_cache.KVCache.zeros(model.cfg, jnp.zeros((1,), jnp.int32), len(prompt) + len(completion),
                                         prompt_end=len(prompt))
         logits_1v, cache = decode(params, prompt[None], cache)
         for token in completion:

@@ -1,4 +1,4 @@
-"""KV-cache decoding equals the full forward pass; sampling draws only from the tokens it should; seeds reproduce."""
+"""KV-cache decoding equals the full forward pass (contiguous and paged); seeds reproduce; stops end rows."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +8,9 @@ import pytest
 
 from lm import config as lm_config
 from lm import generate
+from lm import kv_cache
 from lm import model as model_lib
+from lm import sampling
 
 VOCAB = 256
 
@@ -49,7 +51,7 @@ def test_kv_cache_logits_equal_full_forward_at_every_position(num_kv_heads, over
     width = 16
     start_b = jnp.asarray([width - len(p) for p in PROMPTS])
     prompt_bt = jnp.asarray([[0] * (width - len(p)) + p for p in PROMPTS])
-    cache = model_lib.KVCache.zeros(model.cfg, start_b, width + new_tokens)
+    cache = kv_cache.KVCache.zeros(model.cfg, start_b, width + new_tokens)
     decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode))
     logits_bv, cache = decode(params, prompt_bt, cache)
     cached = [logits_bv]
@@ -57,7 +59,7 @@ def test_kv_cache_logits_equal_full_forward_at_every_position(num_kv_heads, over
         logits_bv, cache = decode(params, jnp.asarray([c[i] for c in continuations])[:, None], cache)
         cached.append(logits_bv)
     cached_btv = np.stack(cached, axis=1)
-    assert int(cache.index) == width + new_tokens - 1
+    assert int(cache.slots.index_b[0]) == width + new_tokens - 1
     for b, (prompt, continuation) in enumerate(zip(PROMPTS, continuations)):
         reference_tv = full_logits(model, params, prompt + continuation)
         # Position len(prompt) - 1 + i predicts continuation token i.
@@ -100,80 +102,59 @@ def test_rows_stop_at_any_stop_id_and_a_longer_prompt_length_changes_nothing():
 def test_temperature_to_zero_equals_greedy():
     config, _, params = small_config(2)
     greedy = generate.generate(config, params, PROMPTS, max_new_tokens=8)
-    cold = generate.generate(config, params, PROMPTS, max_new_tokens=8, sampling=generate.Sampling(1e-4), seed=3)
+    cold = generate.generate(config, params, PROMPTS, max_new_tokens=8, sampling=sampling.Sampling(1e-4), seed=3)
     assert cold == greedy
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():
     config, _, params = small_config(2)
-    sampling = generate.Sampling(temperature=1.0, top_k=50, top_p=0.95)
-    first = generate.generate(config, params, PROMPTS, max_new_tokens=16, sampling=sampling, seed=7)
-    again = generate.generate(config, params, PROMPTS, max_new_tokens=16, sampling=sampling, seed=7)
-    other = generate.generate(config, params, PROMPTS, max_new_tokens=16, sampling=sampling, seed=8)
+    settings = sampling.Sampling(temperature=1.0, top_k=50, top_p=0.95)
+    first = generate.generate(config, params, PROMPTS, max_new_tokens=16, sampling=settings, seed=7)
+    again = generate.generate(config, params, PROMPTS, max_new_tokens=16, sampling=settings, seed=7)
+    other = generate.generate(config, params, PROMPTS, max_new_tokens=16, sampling=settings, seed=8)
     assert first == again
     assert first != other
 
 
-# A known distribution over 8 tokens, in a shuffled order so "most likely" is not "lowest id".
-PROBS = np.array([0.05, 0.30, 0.02, 0.20, 0.15, 0.01, 0.25, 0.02])
-DRAWS = 20_000
-
-
-def draw(sampling, seed=0):
-    logits_bv = jnp.tile(jnp.log(jnp.asarray(PROBS, jnp.float32)), (DRAWS, 1))
-    tokens = np.asarray(jax.jit(generate.sample, static_argnums=2)(logits_bv, jax.random.key(seed), sampling))
-    return np.bincount(tokens, minlength=len(PROBS)) / DRAWS
-
-
-def assert_frequencies(frequencies, expected):
-    # 5 standard errors of a binomial proportion: a false failure has probability ~1e-6 per token.
-    tolerance = 5 * np.sqrt(expected * (1 - expected) / DRAWS) + 1e-12
-    assert np.all(np.abs(frequencies - expected) <= tolerance), (frequencies, expected)
-
-
-def test_plain_sampling_follows_the_distribution():
-    assert_frequencies(draw(generate.Sampling(temperature=1.0)), PROBS)
-
-
-@pytest.mark.parametrize("k", [1, 2, 3, 5])
-def test_top_k_samples_only_the_k_most_likely_tokens(k):
-    frequencies = draw(generate.Sampling(temperature=1.0, top_k=k))
-    top = np.argsort(-PROBS)[:k]
-    expected = np.zeros_like(PROBS)
-    expected[top] = PROBS[top] / PROBS[top].sum()
-    assert frequencies[np.setdiff1d(np.arange(len(PROBS)), top)].sum() == 0
-    assert_frequencies(frequencies, expected)
-
-
-@pytest.mark.parametrize("p,nucleus", [
-    (0.2, [1]),  # Sorted masses 0.30, 0.25, 0.20, 0.15, ...: 0.30 alone reaches 0.2.
-    (0.5, [1, 6]),  # 0.30 < 0.5 <= 0.55.
-    (0.56, [1, 6, 3]),  # 0.55 < 0.56 <= 0.75.
-    (0.85, [1, 6, 3, 4]),  # 0.75 < 0.85 <= 0.90.
-])
-def test_top_p_samples_only_the_smallest_set_reaching_p(p, nucleus):
-    frequencies = draw(generate.Sampling(temperature=1.0, top_p=p))
-    assert set(np.flatnonzero(frequencies).tolist()) == set(nucleus)
-    expected = np.zeros_like(PROBS)
-    expected[nucleus] = PROBS[nucleus] / PROBS[nucleus].sum()
-    assert_frequencies(frequencies, expected)
-
-
-def test_top_k_and_top_p_combine_and_temperature_sharpens():
-    # top-k 3 keeps {1, 6, 3} (mass 0.75, renormalised 0.4, 0.333, 0.267); top-p 0.6 then keeps {1, 6}.
-    frequencies = draw(generate.Sampling(temperature=1.0, top_k=3, top_p=0.6))
-    expected = np.zeros_like(PROBS)
-    expected[[1, 6]] = np.array([0.30, 0.25]) / 0.55
-    assert_frequencies(frequencies, expected)
-    cold = draw(generate.Sampling(temperature=0.5))
-    sharpened = PROBS ** 2 / (PROBS ** 2).sum()
-    assert_frequencies(cold, sharpened)
-
-
-def test_bad_sampling_settings_are_rejected():
-    for bad in [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)]:
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            generate.Sampling(**bad)
+def test_empty_prompts_are_rejected():
     config, _, params = small_config(2)
     with pytest.raises(ValueError, match="at least one token"):
         generate.generate(config, params, [[1], []], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"model.position_embedding": "alibi"},
+    {"model.position_embedding": "relative", "model.scan_layers": False},
+    {"model.attention_type": "mla", "model.mla.kv_lora_rank": 16, "model.mla.qk_rope_head_dim": 8,
+     "model.mla.qk_nope_head_dim": 8, "model.mla.v_head_dim": 8},
+], ids=["rope", "alibi", "relative", "mla"])
+def test_paged_cache_with_ragged_chunks_equals_the_full_forward(overrides):
+    """Rows on shuffled pages of one pool, prefilled in chunks of up to 4 tokens while other rows already decode one
+    token per step (`lengths_b`), give the full forward's logits at each row's newest position."""
+    config, model, params = small_config(2, **overrides)
+    rng = np.random.default_rng(1)
+    texts = [rng.integers(0, VOCAB, n).tolist() for n in (9, 17, 4)]
+    prompt_lengths = [7, 13, 1]
+    page_size, row_pages = 4, 6
+    pages_bj = 1 + rng.permutation(len(texts) * row_pages).reshape(len(texts), row_pages)  # Page 0 is never used.
+    cache = kv_cache.KVCache.paged(model.cfg, 1 + pages_bj.size, page_size, pages_bj, np.zeros(3, np.int32))
+    decode = jax.jit(lambda p, t, c, n: model.apply({"params": p}, t, c, n, method=model.decode))
+    done = [0, 0, 0]
+    checked = 0
+    while any(d < len(t) for d, t in zip(done, texts)):
+        # Rows still in their prompt take up to 4 of its tokens; the others one token of their text.
+        counts = [min(p - d, 4) if d < p else min(1, len(t) - d) for d, p, t in zip(done, prompt_lengths, texts)]
+        chunk_bt = np.zeros((3, 4), np.int32)
+        for b, (d, n) in enumerate(zip(done, counts)):
+            chunk_bt[b, :n] = texts[b][d:d + n]
+        logits_bv, cache = decode(params, jnp.asarray(chunk_bt), cache, jnp.asarray(counts, jnp.int32))
+        for b, (d, n) in enumerate(zip(done, counts)):
+            if n:
+                want_v = full_logits(model, params, texts[b][:d + n])[-1]
+                np.testing.assert_allclose(np.asarray(logits_bv[b]), want_v, rtol=1e-4, atol=1e-4,
+                                           err_msg=f"row {b} at position {d + n - 1}")
+                checked += 1
+        done = [d + n for d, n in zip(done, counts)]
+    assert checked == 16  # 4 + 8 + 4 steps with tokens.
+    np.testing.assert_array_equal(np.asarray(cache.slots.index_b), [len(t) for t in texts])

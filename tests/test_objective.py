@@ -9,6 +9,7 @@ import pytest
 
 from lm import config as lm_config
 from lm import evaluate
+from lm import kv_cache
 from lm import model as model_lib
 from lm import objective
 from lm import sharding
@@ -46,7 +47,7 @@ def test_the_softcap_changes_the_distribution_the_tests_above_compare():
 
 def test_decoding_draws_from_the_capped_logits():
     config, model, params, tokens, _ = setup(1.0)
-    cache = model_lib.KVCache.zeros(model.cfg, jnp.zeros((1,), jnp.int32), LENGTH)
+    cache = kv_cache.KVCache.zeros(model.cfg, jnp.zeros((1,), jnp.int32), LENGTH)
     logits_1v, _ = model.apply({"params": params}, tokens[:, :LENGTH], cache, method=model.decode)
     _, raw_model, raw_params, _, _ = setup(None)
     hidden_1td = raw_model.apply({"params": raw_params}, tokens[:, :LENGTH])

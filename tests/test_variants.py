@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lm import config as lm_config
+from lm import kv_cache
 from lm import layers
 from lm import model as model_lib
 from lm import train as train_lib
@@ -49,7 +50,7 @@ def test_relative_buckets_equal_t5s_and_the_bias_is_the_bucket_entry_per_head():
 
     config = small_config(position_embedding="relative", relative_buckets=8, relative_max_distance=20)
     model, params = init_params(config)
-    bias_1nts = model.apply({"params": params}, 12, None, method=model._relative_bias)
+    bias_1nts = model.apply({"params": params}, 12, None, method=model._position_bias)
     buckets_ts = model_lib.relative_buckets(jnp.arange(12), jnp.arange(12), 8, 20)
     np.testing.assert_array_equal(bias_1nts[0], np.transpose(params["relative_bias"][buckets_ts], (2, 0, 1)))
 
@@ -71,7 +72,7 @@ def test_mla_absorbed_decoding_equals_expanded_decoding_and_the_full_forward(q_l
 
     def decode_all(model):
         decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode))
-        cache = model_lib.KVCache.zeros(model.cfg, start_b, width + 6)
+        cache = kv_cache.KVCache.zeros(model.cfg, start_b, width + 6)
         logits_bv, cache = decode(params, prompt_bt, cache)
         steps = [logits_bv]
         for i in range(5):
@@ -88,7 +89,7 @@ def test_mla_absorbed_decoding_equals_expanded_decoding_and_the_full_forward(q_l
     # The cache: one latent (kv_lora_rank) and one rotary key (qk_rope_head_dim) per token per layer, nothing else.
     assert cache.value_lbsgh is None
     assert cache.key_lbsgh.shape == (2, 2, width + 6, 1, 16 + 8)
-    assert model_lib.KVCache.values_per_token(model.cfg) == 24
+    assert kv_cache.KVCache.values_per_token(model.cfg) == 24
 
 
 def test_mla_parameters_follow_deepseek_and_carry_logical_axis_names():

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from lm import cli
 from lm import generate
+from lm import kv_cache
 from lm import model as model_lib
 from lm import sharding as sharding_lib
 
@@ -80,7 +81,7 @@ def cache_bytes_per_token(config) -> tuple[int, int]:
     arrays `KVCache.zeros` makes (shapes only, nothing allocated)."""
     cfg = model_lib.model_config(config)
     slots = 128
-    cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, jnp.zeros((1,), jnp.int32), slots))
+    cache = jax.eval_shape(lambda: kv_cache.KVCache.zeros(cfg, jnp.zeros((1,), jnp.int32), slots))
     arrays = [a for a in (cache.key_lbsgh, cache.value_lbsgh) if a is not None]
     total = sum(a.size * a.dtype.itemsize for a in arrays) // slots
     return total // cfg.num_layers, total
@@ -112,7 +113,7 @@ def main(argv):
           f"kv_cache tok/s (batch {batch})")
     for name, variant in attention_variants(config).items():
         per_layer, whole = cache_bytes_per_token(variant)
-        values = model_lib.KVCache.values_per_token(model_lib.model_config(variant))
+        values = kv_cache.KVCache.values_per_token(model_lib.model_config(variant))
         variant_params = jax.device_put(nn.unbox(model_lib.init(model_lib.build(variant), jax.random.key(0))),
                                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         seconds, _ = timed(lambda: kv_cache_decode(variant, variant_params, prompt_bt, new_tokens))

@@ -68,9 +68,14 @@ class Tokenizer(abc.ABC):
         vocabulary has ids no text stands for, which an undertrained model can still sample)."""
 
     @abc.abstractmethod
+    def token_byte_strings(self, vocab_size: int) -> list[bytes]:
+        """The UTF-8 bytes of the text each id below `vocab_size` stands for (empty for special and padded ids), so a
+        text's bytes are its tokens' joined (less `prefix_bytes` at the start); stop strings are matched on them."""
+
     def token_bytes(self, vocab_size: int) -> np.ndarray:
-        """int64 `[vocab_size]`: UTF-8 bytes of the text each id stands for (0 for special and padded ids), so the
-        bytes of a document's text are the sum over its tokens."""
+        """int64 `[vocab_size]`: how many bytes of text each id stands for (`token_byte_strings`), so the bytes of a
+        document's text are the sum over its tokens."""
+        return np.array([len(piece) for piece in self.token_byte_strings(vocab_size)], np.int64)
 
     def prefix_bytes(self) -> int:
         """Bytes a text's first token stands for that are not in the text: 1 for SentencePiece-style tokenizers
@@ -141,15 +146,17 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.decode([i for i in ids if i < self.vocab_size])
 
-    def token_bytes(self, vocab_size: int) -> np.ndarray:
+    def token_byte_strings(self, vocab_size: int) -> list[bytes]:
         # The tokenizers lm trains are lossless (`lm.data.tokenizer_training`): a piece's bytes are exactly those of
-        # the raw text it encodes. Byte-fallback pieces (<0x0A>) are one byte; others are text with "▁" for a space.
+        # the raw text it encodes. Byte-fallback pieces (<0x0A>) are that byte; others are text with "▁" for a space.
         p = self.processor
-        table = np.zeros(vocab_size, np.int64)
-        for i in range(p.get_piece_size()):
-            if not (p.is_control(i) or p.is_unknown(i)):
-                table[i] = 1 if p.is_byte(i) else len(p.id_to_piece(i).replace("▁", " ").encode("utf-8"))
-        return table
+        pieces = [b""] * vocab_size
+        for i in range(min(p.get_piece_size(), vocab_size)):
+            if p.is_byte(i):
+                pieces[i] = bytes([int(p.id_to_piece(i)[3:5], 16)])
+            elif not (p.is_control(i) or p.is_unknown(i)):
+                pieces[i] = p.id_to_piece(i).replace("▁", " ").encode("utf-8")
+        return pieces
 
     def _files(self) -> dict[str, bytes]:
         return {SENTENCEPIECE_FILE: self.processor.serialized_model_proto()}
@@ -218,20 +225,22 @@ class HuggingFaceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=True)
 
-    def token_bytes(self, vocab_size: int) -> np.ndarray:
-        table = np.zeros(vocab_size, np.int64)
+    def token_byte_strings(self, vocab_size: int) -> list[bytes]:
+        pieces = [b""] * vocab_size
         special = {token.content for token in self.tokenizer.get_added_tokens_decoder().values() if token.special}
         decoder = _byte_decoder()
         for token, i in self.tokenizer.get_vocab(with_added_tokens=True).items():
             if token in special or i >= vocab_size:
                 continue
-            if self._byte_level:  # Every character stands for one byte.
-                table[i] = len(token) if all(c in decoder for c in token) else len(token.encode("utf-8"))
+            if self._byte_level and all(c in decoder for c in token):  # Every character stands for one byte.
+                pieces[i] = bytes(decoder[c] for c in token)
+            elif self._byte_level:  # An added token, kept as its text.
+                pieces[i] = token.encode("utf-8")
             elif token.startswith("<0x") and token.endswith(">") and len(token) == 6:  # Byte fallback.
-                table[i] = 1
+                pieces[i] = bytes([int(token[3:5], 16)])
             else:  # SentencePiece-style pieces: "▁" stands for a space.
-                table[i] = len(token.replace("▁", " ").encode("utf-8"))
-        return table
+                pieces[i] = token.replace("▁", " ").encode("utf-8")
+        return pieces
 
     def _files(self) -> dict[str, bytes]:
         files = {HF_FILE: self._json.encode()}
