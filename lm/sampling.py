@@ -114,7 +114,43 @@ class Context:
                             length_b=self.length_b + 1)
 
 
-def controlled(logits_bv: jax.Array, sampling: Sampling, context: Context | None) -> jax.Array:
+@flax.struct.dataclass
+class RowSampling:
+    """`Sampling` with a setting per row, fp32 (int32 `top_k_b`) `[batch]` arrays: a server batch mixes requests
+    that each ask for their own. Temperature 0 rows are greedy; every off value turns its step off for that row.
+    (No-repeat n-grams are a `Sampling`-only setting.)"""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    frequency_penalty: jax.Array
+    presence_penalty: jax.Array
+
+    @classmethod
+    def of(cls, settings: list[Sampling]) -> "RowSampling":
+        """The rows' settings (each validated by `Sampling`); refuses no-repeat n-grams."""
+        if any(s.no_repeat_ngram_size for s in settings):
+            raise ArgumentError("no_repeat_ngram_size cannot differ per row (a Sampling-only setting)")
+        column = lambda name, dtype: np.asarray([getattr(s, name) for s in settings], dtype)
+        return cls(*(column(f.name, np.int32 if f.name == "top_k" else np.float32)
+                     for f in dataclasses.fields(cls)))
+
+    reads_context = True
+
+
+def _off(value, off) -> bool:
+    """Whether a setting is statically off (a `Sampling` scalar at its off value); per-row arrays never are."""
+    return isinstance(value, (int, float)) and value == off
+
+
+def _per_row(value):
+    """A scalar setting as is, a per-row array `[b]` as a column `[b, 1]` that broadcasts over the vocabulary."""
+    return value if isinstance(value, (int, float)) else jnp.asarray(value)[:, None]
+
+
+def controlled(logits_bv: jax.Array, sampling: Sampling | RowSampling, context: Context | None) -> jax.Array:
     """fp32 logits after repetition control (module docstring, step 1); unchanged when none is on."""
     logits_bv = logits_bv.astype(jnp.float32)
     if not sampling.reads_context:
@@ -122,48 +158,65 @@ def controlled(logits_bv: jax.Array, sampling: Sampling, context: Context | None
     if context is None:
         raise ValueError("repetition control needs the rows' context")
     vocab = logits_bv.shape[-1]
-    if sampling.repetition_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
+    penalty, frequency, presence = (_per_row(getattr(sampling, name)) for name in (
+        "repetition_penalty", "frequency_penalty", "presence_penalty"))
+    if not (_off(penalty, 1.0) and _off(frequency, 0.0) and _off(presence, 0.0)):
         text_count_bv, reply_count_bv = context.counts(vocab)
-        penalty = sampling.repetition_penalty
         penalised_bv = jnp.where(logits_bv > 0, logits_bv / penalty, logits_bv * penalty)
         logits_bv = jnp.where(text_count_bv > 0, penalised_bv, logits_bv)
-        logits_bv = (logits_bv - sampling.frequency_penalty * reply_count_bv
-                     - sampling.presence_penalty * (reply_count_bv > 0))
-    if sampling.no_repeat_ngram_size:
-        banned_bv = context.repeated_ngram_ends(sampling.no_repeat_ngram_size, vocab)
-        logits_bv = jnp.where(banned_bv, -jnp.inf, logits_bv)
+        logits_bv = logits_bv - frequency * reply_count_bv - presence * (reply_count_bv > 0)
+    n = getattr(sampling, "no_repeat_ngram_size", 0)
+    if n:
+        logits_bv = jnp.where(context.repeated_ngram_ends(n, vocab), -jnp.inf, logits_bv)
     return logits_bv
 
 
-def distribution(logits_bv: jax.Array, sampling: Sampling, context: Context | None = None) -> jax.Array:
+def _one_hot_argmax(logits_bv: jax.Array) -> jax.Array:
+    """Log-weights of the greedy choice: 0 at each row's argmax, `-inf` elsewhere."""
+    best_b = jnp.argmax(logits_bv, axis=-1)
+    return jnp.where(jnp.arange(logits_bv.shape[-1]) == best_b[:, None], 0.0, -jnp.inf)
+
+
+def distribution(logits_bv: jax.Array, sampling: Sampling | RowSampling, context: Context | None = None) -> jax.Array:
     """fp32 `[batch, vocab]` log-weights of the distribution a token is drawn from (`-inf` for removed tokens; a
-    greedy row's is 0 at the argmax and `-inf` elsewhere). Normalise with `jax.nn.softmax` for probabilities."""
+    greedy row's is 0 at the argmax and `-inf` elsewhere). Normalise with `jax.nn.softmax` for probabilities.
+    Steps that `sampling` turns off statically are not computed."""
     logits_bv = controlled(logits_bv, sampling, context)
-    if sampling.temperature == 0.0:
-        best_b = jnp.argmax(logits_bv, axis=-1)
-        return jnp.where(jnp.arange(logits_bv.shape[-1]) == best_b[:, None], 0.0, -jnp.inf)
-    logits_bv = logits_bv / sampling.temperature
-    if sampling.top_k:
-        kth_largest_b1 = jax.lax.top_k(logits_bv, sampling.top_k)[0][:, -1:]
+    temperature, top_k, top_p, min_p = (_per_row(getattr(sampling, name)) for name in (
+        "temperature", "top_k", "top_p", "min_p"))
+    if _off(temperature, 0.0):
+        return _one_hot_argmax(logits_bv)
+    greedy_b1 = None if isinstance(temperature, (int, float)) else temperature == 0.0
+    controlled_bv = logits_bv
+    logits_bv = logits_bv / (temperature if greedy_b1 is None else jnp.where(greedy_b1, 1.0, temperature))
+    if isinstance(top_k, int) and top_k:
+        kth_largest_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
         logits_bv = jnp.where(logits_bv < kth_largest_b1, -jnp.inf, logits_bv)
-    if sampling.top_p < 1.0:
+    elif not isinstance(top_k, int):
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        kth_largest_b1 = jnp.take_along_axis(sorted_bv, jnp.clip(top_k - 1, 0, logits_bv.shape[-1] - 1), axis=-1)
+        logits_bv = jnp.where((top_k > 0) & (logits_bv < kth_largest_b1), -jnp.inf, logits_bv)
+    if not _off(top_p, 1.0):
         sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
         probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
         # Keep a token while the mass of the more likely ones is still short of p: the smallest set reaching p.
         mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-        kept_b = jnp.sum(mass_before_bv < sampling.top_p, axis=-1)
-        threshold_b1 = jnp.take_along_axis(sorted_bv, kept_b[:, None] - 1, axis=-1)
-        logits_bv = jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
-    if sampling.min_p > 0.0:
+        kept_b1 = jnp.sum(mass_before_bv < top_p, axis=-1, keepdims=True)
+        threshold_b1 = jnp.take_along_axis(sorted_bv, kept_b1 - 1, axis=-1)
+        logits_bv = jnp.where((top_p < 1.0) & (logits_bv < threshold_b1), -jnp.inf, logits_bv)
+    if not _off(min_p, 0.0):
         # p >= min_p * p_max  <=>  logit >= max logit + log(min_p).
-        floor_b1 = jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(sampling.min_p)
+        floor_b1 = jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(min_p)
         logits_bv = jnp.where(logits_bv < floor_b1, -jnp.inf, logits_bv)
+    if greedy_b1 is not None:
+        logits_bv = jnp.where(greedy_b1, _one_hot_argmax(controlled_bv), logits_bv)
     return logits_bv
 
 
-def sample(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling, context: Context | None = None) -> jax.Array:
+def sample(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling | RowSampling,
+           context: Context | None = None) -> jax.Array:
     """int32 `[batch]` tokens drawn from fp32 `logits_bv` `[batch, vocab]` as `sampling` says."""
-    if sampling.temperature == 0.0:
+    if _off(sampling.temperature, 0.0):
         return jnp.argmax(controlled(logits_bv, sampling, context), axis=-1).astype(jnp.int32)
     return jax.random.categorical(rng, distribution(logits_bv, sampling, context), axis=-1).astype(jnp.int32)
 

@@ -211,3 +211,22 @@ def test_stop_strings_end_rows_in_generate_and_are_cut_from_the_text():
         else:
             assert short == reply
     assert generate.cut_at_stop("x = 1\n\ny = 2", ["\n\n", "y"]) == "x = 1"
+
+
+def test_per_row_settings_give_each_row_its_own_settings_distribution():
+    """A server batch (`RowSampling`): each row's distribution equals that of its settings applied alone."""
+    vocab, rows = 32, 6
+    context, _, _ = _context(rows, 20, vocab, seed=8)
+    logits_bv = jax.random.normal(jax.random.key(9), (rows, vocab)) * 2
+    settings = [sampling.Sampling(), sampling.Sampling(temperature=0.7, top_k=5),
+                sampling.Sampling(temperature=1.3, top_p=0.6, repetition_penalty=1.4),
+                sampling.Sampling(temperature=1.0, min_p=0.2, frequency_penalty=0.5, presence_penalty=0.3),
+                sampling.Sampling(repetition_penalty=2.0), sampling.Sampling(temperature=0.9, top_k=3, top_p=0.9)]
+    got = np.asarray(jax.jit(sampling.distribution)(logits_bv, sampling.RowSampling.of(settings), context))
+    for b, alone in enumerate(settings):
+        row = jax.tree.map(lambda x: x[b:b + 1], context)
+        want = np.asarray(sampling.distribution(logits_bv[b:b + 1], alone, row))[0]
+        np.testing.assert_array_equal(np.isinf(got[b]), np.isinf(want), err_msg=f"row {b}")
+        np.testing.assert_allclose(got[b][~np.isinf(want)], want[~np.isinf(want)], rtol=1e-6, err_msg=f"row {b}")
+    with pytest.raises(ValueError, match="no_repeat_ngram_size cannot differ per row"):
+        sampling.RowSampling.of([sampling.Sampling(no_repeat_ngram_size=2)])

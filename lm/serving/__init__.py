@@ -1,0 +1,2 @@
+"""Serving: a paged KV cache with continuous batching (`engine`), and the OpenAI-compatible HTTP server on it
+(`lm.serve`)."""

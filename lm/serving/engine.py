@@ -1,0 +1,287 @@
+"""Continuous batching over a paged KV cache (vLLM's design, Kwon et al. 2023), in plain JAX.
+
+The engine owns `slots` rows of one `lm.kv_cache.KVCache` in the paged layout: a pool of `pages` pages of
+`page_size` slots per layer, and a page table `[slots, pages per row]`. Every `step`:
+
+1. admit: waiting requests take free rows while the pool has the pages their prompt and `max_tokens` need (reserved
+   whole at admission, so a running request never waits for memory; page 0 is never handed out, `lm.kv_cache`);
+2. one forward pass of the whole batch: a row still prefilling feeds the next `chunk` tokens of its prompt, a
+   decoding row its newest token, an idle row nothing (`Transformer.decode`'s `lengths_b`);
+3. each row whose prompt is all in draws a token from the logits after its last one, with its own settings
+   (`lm.sampling.RowSampling`, repetition control from its text so far) and its own seed;
+4. finished rows (a stop id, `max_tokens`, the context's end, or cancelled) free their row and pages at once, so the
+   next step admits waiting requests in their place.
+
+Two compiled programs serve every mix (`[slots, chunk]` tokens while any row prefills, `[slots, 1]` otherwise), so
+after they are warm nothing compiles again (`compiled_programs`). Draws use `fold_in(key(seed), position)` per
+row, so a request's tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lm import kv_cache
+from lm import model as model_lib
+from lm.errors import ArgumentError
+from lm.sampling import Context, RowSampling, Sampling, distribution
+
+# Alternatives reported per token when a request asks for log-probabilities (OpenAI's chat API allows up to 20).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass
+class Request:
+    """One completion to produce: `prompt` token ids (at least one), up to `max_tokens` new tokens drawn as
+    `sampling` says, ending early at a token of `stop_ids`. `logprobs`: the chosen token's log-probability and this
+    many alternatives (0 to `MAX_TOP_LOGPROBS`) come with each token. `on_token(event)` is called from the engine's
+    thread with every `Event`."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling = Sampling()
+    stop_ids: tuple[int, ...] = ()
+    seed: int = 0
+    logprobs: int = 0
+    on_token: object = None
+    id: int = dataclasses.field(default_factory=itertools.count().__next__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A token of request `request_id` (`token` None on a finish without one), its log-probability and top
+    alternatives `[(id, log-prob), ...]`, and `finish_reason` on the last event: "stop", "length" or "cancelled"."""
+
+    request_id: int
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _Row:
+    request: Request
+    pages: list[int]
+    tokens: list[int]  # Prompt and reply so far.
+    fed: int = 0  # Tokens run through the model (in the cache).
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.request.prompt)
+
+    @property
+    def reply_length(self) -> int:
+        return len(self.tokens) - len(self.request.prompt)
+
+
+class Engine:
+    """Continuous batching of `Request`s for one model (module docstring). `step()` runs one scheduler iteration;
+    `start()` runs them on a background thread whenever work is waiting."""
+
+    def __init__(self, config: ml_collections.ConfigDict, params, *, slots: int = 8, page_size: int = 16,
+                 pages: int | None = None, chunk: int = 64, max_len: int | None = None):
+        max_len = config.model.max_seq_len if max_len is None else max_len
+        if min(slots, page_size, chunk, max_len) < 1:
+            raise ArgumentError(f"slots, page_size, chunk and max_len must be >= 1, got {slots}, {page_size}, "
+                                f"{chunk}, {max_len}")
+        self.config, self.params = config, params
+        self.model = model_lib.build(config)
+        self.slots, self.page_size, self.chunk = slots, page_size, chunk
+        self.row_pages = -(-max_len // page_size)
+        self.max_len = self.row_pages * page_size
+        pages = 1 + slots * self.row_pages if pages is None else pages
+        self.cache = kv_cache.KVCache.paged(self.model.cfg, pages, page_size,
+                                            np.zeros((slots, self.row_pages), np.int32), np.zeros(slots, np.int32))
+        self.free_pages = collections.deque(range(1, pages))  # Page 0 takes the writes that land nowhere.
+        self.rows: list[_Row | None] = [None] * slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.cancelled: set[int] = set()
+        self.callbacks: dict[int, object] = {}
+        self.lock = threading.Condition()
+        self.thread = None
+        self.steps = 0
+        self._step = jax.jit(functools.partial(_forward_and_draw, self.model), donate_argnums=(1,))
+
+    # ---------------------------------------------------------------------------------------------- requests
+
+    def check(self, request: Request) -> None:
+        """Raises `ArgumentError` for a request this engine can never serve (one line naming the field)."""
+        if not request.prompt:
+            raise ArgumentError("prompt: at least one token is needed")
+        if request.max_tokens < 1:
+            raise ArgumentError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if len(request.prompt) + request.max_tokens > self.max_len:
+            raise ArgumentError(f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds "
+                                f"the context of {self.max_len} tokens")
+        if not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise ArgumentError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}")
+        if request.sampling.no_repeat_ngram_size:
+            raise ArgumentError("no_repeat_ngram_size is not served (it cannot differ per row)")
+        vocab = self.config.model.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt):
+            raise ArgumentError(f"prompt: token ids must be in [0, {vocab})")
+
+    def submit(self, request: Request) -> int:
+        """Queues a request (checked first); returns its id."""
+        self.check(request)
+        with self.lock:
+            self.callbacks[request.id] = request.on_token
+            self.waiting.append(request)
+            self.lock.notify()
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stops a request (a client went away): its row and pages are freed at the next step."""
+        with self.lock:
+            self.cancelled.add(request_id)
+            self.lock.notify()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(row is not None for row in self.rows)
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def compiled_programs(self) -> int:
+        """Programs the step function has compiled so far (one per batch shape)."""
+        return self._step._cache_size()
+
+    # ---------------------------------------------------------------------------------------------- the loop
+
+    def start(self) -> None:
+        """Runs steps on a daemon thread whenever there is work."""
+        def loop():
+            while True:
+                with self.lock:
+                    while not self.busy and not self.cancelled:
+                        self.lock.wait()
+                self.step()
+
+        self.thread = threading.Thread(target=loop, name="lm-engine", daemon=True)
+        self.thread.start()
+
+    def run_until_done(self) -> None:
+        """Steps until nothing is running or waiting (tests and benchmarks, without the thread)."""
+        while self.busy:
+            self.step()
+
+    def step(self) -> list[Event]:
+        """One scheduler iteration (module docstring); returns the events it produced (also sent to `on_token`)."""
+        events = self._drop_cancelled()
+        self._admit()
+        active = [b for b, row in enumerate(self.rows) if row is not None]
+        if not active:
+            return self._send(events)
+        prefilling = any(self.rows[b].prefilling for b in active)
+        width = self.chunk if prefilling else 1
+        tokens_bt = np.zeros((self.slots, width), np.int32)
+        lengths_b = np.zeros(self.slots, np.int32)
+        for b in active:
+            row = self.rows[b]
+            feed = row.tokens[row.fed:row.fed + width] if row.prefilling else row.tokens[-1:]
+            tokens_bt[b, :len(feed)] = feed
+            lengths_b[b] = len(feed)
+        pages_bj = np.zeros((self.slots, self.row_pages), np.int32)
+        index_b = np.zeros(self.slots, np.int32)
+        context_bs = np.zeros((self.slots, self.max_len), np.int32)
+        reply_start_b = np.zeros(self.slots, np.int32)
+        seeds_b = np.zeros(self.slots, np.uint32)
+        settings = [Sampling()] * self.slots
+        for b in active:
+            row = self.rows[b]
+            pages_bj[b, :len(row.pages)] = row.pages
+            index_b[b] = row.fed
+            known = row.tokens[:row.fed + lengths_b[b]]
+            context_bs[b, :len(known)] = known
+            reply_start_b[b] = len(row.request.prompt)
+            seeds_b[b] = row.request.seed
+            settings[b] = row.request.sampling
+        self.cache = self.cache.with_slots(index_b=jnp.asarray(index_b), pages_bj=jnp.asarray(pages_bj))
+        context = Context(context_bs, np.zeros(self.slots, np.int32), reply_start_b, index_b + lengths_b)
+        self.cache, token_b, logprob_b, top_ids_bk, top_logprobs_bk = self._step(
+            self.params, self.cache, tokens_bt, lengths_b, RowSampling.of(settings), context, seeds_b)
+        token_b, logprob_b, top_ids_bk, top_logprobs_bk = jax.device_get(
+            (token_b, logprob_b, top_ids_bk, top_logprobs_bk))
+        self.steps += 1
+        for b in active:
+            row = self.rows[b]
+            row.fed += int(lengths_b[b])
+            if row.prefilling:
+                continue
+            token = int(token_b[b])
+            row.tokens.append(token)
+            request = row.request
+            top = tuple((int(i), float(lp)) for i, lp in zip(top_ids_bk[b, :request.logprobs],
+                                                             top_logprobs_bk[b, :request.logprobs]))
+            finish = None
+            if token in request.stop_ids:
+                finish = "stop"
+            elif row.reply_length >= request.max_tokens:
+                finish = "length"
+            events.append(Event(request.id, token, float(logprob_b[b]), top, finish))
+            if finish is not None:
+                self._free(b)
+        return self._send(events)
+
+    def _admit(self) -> None:
+        with self.lock:
+            for b in range(self.slots):
+                if self.rows[b] is not None or not self.waiting:
+                    continue
+                request = self.waiting[0]
+                needed = -(-(len(request.prompt) + request.max_tokens) // self.page_size)
+                if needed > len(self.free_pages):
+                    break  # First come, first served: later requests wait behind it.
+                self.waiting.popleft()
+                pages = [self.free_pages.popleft() for _ in range(needed)]
+                self.rows[b] = _Row(request, pages, list(request.prompt))
+
+    def _drop_cancelled(self) -> list[Event]:
+        with self.lock:
+            cancelled, self.cancelled = self.cancelled, set()
+            events = [Event(r.id, None, finish_reason="cancelled") for r in self.waiting if r.id in cancelled]
+            self.waiting = collections.deque(r for r in self.waiting if r.id not in cancelled)
+        for b, row in enumerate(self.rows):
+            if row is not None and row.request.id in cancelled:
+                events.append(Event(row.request.id, None, finish_reason="cancelled"))
+                self._free(b)
+        return events
+
+    def _free(self, b: int) -> None:
+        self.free_pages.extend(self.rows[b].pages)
+        self.rows[b] = None
+
+    def _send(self, events: list[Event]) -> list[Event]:
+        for event in events:
+            callback = self.callbacks.get(event.request_id)
+            if event.finish_reason is not None:
+                self.callbacks.pop(event.request_id, None)
+            if callback is not None:
+                callback(event)
+        return events
+
+
+def _forward_and_draw(model, params, cache, tokens_bt, lengths_b, settings: RowSampling, context: Context,
+                      seeds_b):
+    """The batch's forward pass and each row's draw: `(cache, token_b, logprob_b, top_ids_bk, top_logprobs_bk)`,
+    log-probabilities of the model's distribution (before sampling settings), the top `MAX_TOP_LOGPROBS` (or the
+    whole vocabulary if smaller)."""
+    logits_bv, cache = model.apply({"params": params}, tokens_bt, cache, lengths_b, method=model.decode)
+    weights_bv = distribution(logits_bv, settings, context)
+    keys_b = jax.vmap(lambda seed, position: jax.random.fold_in(jax.random.key(seed), position))(
+        seeds_b, context.length_b)
+    token_b = jax.vmap(jax.random.categorical)(keys_b, weights_bv).astype(jnp.int32)
+    logprobs_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    top_logprobs_bk, top_ids_bk = jax.lax.top_k(logprobs_bv, min(MAX_TOP_LOGPROBS, logprobs_bv.shape[-1]))
+    return cache, token_b, jnp.take_along_axis(logprobs_bv, token_b[:, None], -1)[:, 0], top_ids_bk, top_logprobs_bk

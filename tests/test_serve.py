@@ -1,0 +1,139 @@
+"""`python -m lm.serve` started as a real process: the official `openai` client's completions, chat and streaming;
+100 concurrent requests; 4xx errors for bad requests; a disconnecting client frees its row; Prometheus metrics."""
+
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import REPO, environment
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(small_run):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lm.serve", f"--workdir={small_run}", f"--port={port}", "--slots=8", "--chunk=16"],
+        cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                raise AssertionError(f"lm.serve did not start:\n{process.stdout.read()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def post(url, path, body: bytes):
+    request = urllib.request.Request(f"{url}{path}", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def metrics(url) -> dict[str, float]:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_the_openai_client_gets_completions_chats_and_streams(server):
+    api = client(server)
+    completion = api.completions.create(model="lm", prompt="def main(", max_tokens=8, temperature=0)
+    assert completion.choices[0].finish_reason in ("length", "stop") and completion.usage.completion_tokens >= 1
+    again = api.completions.create(model="lm", prompt="def main(", max_tokens=8, temperature=0, logprobs=2)
+    assert again.choices[0].text == completion.choices[0].text  # Greedy: the same text every time.
+    logprobs = again.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == again.usage.completion_tokens
+    assert all(lp <= 0 for lp in logprobs.token_logprobs) and all(len(top) == 2 for top in logprobs.top_logprobs)
+    streamed = api.completions.create(model="lm", prompt="def main(", max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == completion.choices[0].text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "import os"}]
+    chat = api.chat.completions.create(model="lm", messages=messages, max_tokens=10, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    chunks = list(api.chat.completions.create(model="lm", messages=messages, max_tokens=10, temperature=0,
+                                              stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    several = api.completions.create(model="lm", prompt="import", max_tokens=6, temperature=1.0, n=3, seed=4,
+                                     frequency_penalty=0.5, presence_penalty=0.5, stop=["\n\n"])
+    assert sorted(c.index for c in several.choices) == [0, 1, 2]
+
+
+def test_100_concurrent_requests_all_succeed(server):
+    api = client(server)
+
+    def one(i):
+        return api.completions.create(model="lm", prompt=f"x = {i}", max_tokens=4 + i % 12, temperature=0.8,
+                                      seed=i)
+
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(one, range(100)))
+    assert all(r.usage.completion_tokens >= 1 for r in results)
+    values = metrics(server)
+    assert values["lm_requests_total{endpoint=\"/v1/completions\",status=\"200\"}"] >= 100
+    assert values["lm_queue_depth"] == 0 and values["lm_time_to_first_token_seconds_count"] >= 100
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": ', "not valid JSON"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 4, "colour": "red"}', "unknown field 'colour'"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": -3}', "max_tokens"),
+    ("/v1/completions", json.dumps({"prompt": "word " * 2000, "max_tokens": 4}).encode(), "exceeds the context"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', "messages.0.role"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 5}', "temperature"),
+])
+def test_bad_requests_get_a_400_with_a_message(server, path, body, message):
+    status, error = post(server, path, body)
+    assert status == 400 and message in error["error"]["message"], error
+    assert urllib.request.urlopen(f"{server}/health", timeout=30).status == 200  # Still serving.
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    cancelled = metrics(server)["lm_cancelled_requests_total"]
+    body = json.dumps({"prompt": "def ", "max_tokens": 200, "temperature": 1.0, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while b"data: " not in received:  # Streaming has begun.
+            chunk = connection.recv(4096)
+            assert chunk, received
+            received += chunk
+    deadline = time.time() + 60
+    while metrics(server)["lm_running_requests"] > 0:
+        assert time.time() < deadline, "the disconnected request still holds its row"
+        time.sleep(0.2)
+    assert metrics(server)["lm_cancelled_requests_total"] == cancelled + 1
