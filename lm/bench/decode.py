@@ -1,6 +1,8 @@
-"""Decoding speed: the KV cache (`lm.generate`) against recomputing the whole prefix for every new token.
+"""Decoding speed: the KV cache (`lm.generate`) against recomputing the whole prefix for every new token, against
+transformers' `generate`, and with speculative decoding.
 
     python -m lm.bench.decode [--config=configs/tiny.py] [--new_tokens=256] [--prompt_length=16]
+        [--draft_layers=1 --draft_tokens=4] [--workdir=TARGET --draft_workdir=DRAFT] [--transformers=true]
 
 For batch sizes 1 and 8, greedy-decodes `--new_tokens` tokens after a random prompt with randomly initialised
 parameters (speed does not depend on the weights) in two ways:
@@ -13,8 +15,20 @@ First it prints the KV cache's bytes per token (per layer and for the whole mode
 as GQA with a quarter of the key/value heads, and as MLA (`config.model.mla`'s ranks) at the same `d_model`, read
 from the `lm.model.KVCache` each would allocate, with each one's KV-cache decoding speed at the largest batch (MLA
 both absorbed and expanded, `config.model.mla.absorb`).
+
+Speculative decoding (batch 1, greedy, `lm.speculative`): the model decoded alone, then with two drafts. The close
+draft is the model's own first `--draft_layers` layers with its embeddings, final norm and head (self-speculative
+"early exit" drafting; at random initialisation the residual stream is mostly the embedding, so it agrees with the
+whole model often); the useless draft is a model of the same shape with other random weights (it agrees about once
+in a vocabulary). For each: the acceptance rate, tokens/s, the speed-up over plain decoding, and whether the tokens
+are plain decoding's.
+
+Against transformers (batch 1, greedy, `--transformers`): the same weights written as a Hugging Face model
+(`lm.hf`), loaded by `transformers.AutoModelForCausalLM` in PyTorch on the same CPU threads, `generate` with its KV
+cache (`min_new_tokens` so both produce every token), timed after a warm-up run like lm's.
 """
 
+import json
 import time
 
 from absl import flags
@@ -35,6 +49,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config f
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "Tokens generated per row.")
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 16, "Prompt tokens per row.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
+_DRAFT_LAYERS = flags.DEFINE_integer("draft_layers", 1, "Speculative decoding: the close draft's layers.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Speculative decoding of this trained run (else random weights).")
+_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "With --workdir: the trained run that drafts.")
+_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens drafted per round.")
+_TRANSFORMERS = flags.DEFINE_bool("transformers", True, "Time transformers' generate on the same weights.")
 
 _BUCKET = 32
 
@@ -94,6 +113,87 @@ def timed(fn):
     return time.perf_counter() - start, tokens
 
 
+def early_exit_draft(config, params, layers: int):
+    """The model's first `layers` layers with its embeddings, final norm and head, as a model of its own."""
+    if "layers" not in params or config.model.num_layers <= layers:
+        raise ValueError(f"--draft_layers={layers} needs a scanned model of more layers")
+    draft = ml_collections.ConfigDict(config.to_dict())
+    draft.model.num_layers = layers
+    return draft, {**params, "layers": jax.tree.map(lambda x: x[:layers], params["layers"])}
+
+
+def speculative_decoding(config, params, prompt_1t: np.ndarray, new_tokens: int) -> None:
+    """Prints plain against speculative decoding with a close and a useless draft (module docstring); with
+    `--workdir` and `--draft_workdir`, of those trained runs (the prompt: the target's tokenizer's BOS and "def ")."""
+    if _WORKDIR.value:
+        from lm import checkpoint
+        from lm.data import tokenizer as tokenizer_lib
+
+        target, draft_run = checkpoint.restore(_WORKDIR.value), checkpoint.restore(_DRAFT_WORKDIR.value)
+        config, params = target.config, target.params
+        draft_config, draft_params = draft_run.config, draft_run.params
+        tokenizer = tokenizer_lib.from_workdir(_WORKDIR.value)
+        prompt_1t = np.asarray([[tokenizer.bos_id, *tokenizer.encode("def ")]], np.int32)
+        close = f"{_DRAFT_WORKDIR.value} ({draft_config.model.num_layers} layers)"
+        for c in (config, draft_config):  # As for the random model (main): RoPE needs no table.
+            c.model.max_seq_len = max(c.model.max_seq_len, prompt_1t.shape[1] + new_tokens)
+    else:
+        draft_config, draft_params = early_exit_draft(config, params, _DRAFT_LAYERS.value)
+        close = f"close ({_DRAFT_LAYERS.value} of {config.model.num_layers} layers)"
+    prompts = prompt_1t.tolist()
+    plain_seconds, plain = timed(lambda: generate.generate(config, params, prompts, max_new_tokens=new_tokens))
+    useless_params = nn.unbox(model_lib.init(model_lib.build(draft_config), jax.random.key(1)))
+    print(f"speculative decoding, batch 1, {new_tokens} new tokens, K = {_DRAFT_TOKENS.value}: "
+          f"plain {new_tokens / plain_seconds:,.0f} tok/s")
+    print(f"{'draft':>28}  {'accepted':>8}  {'tok/s':>7}  {'speed-up':>8}  same tokens")
+    for name, draft_params_ in ((close, draft_params), ("useless (random)", useless_params)):
+        draft = generate.Draft(draft_config, draft_params_, _DRAFT_TOKENS.value)
+        counts = {}
+
+        def speculate():
+            counts.clear()  # The timed run's counts, not the warm-up's.
+            return generate.generate(config, params, prompts, max_new_tokens=new_tokens, draft=draft, stats=counts)
+
+        seconds, tokens = timed(speculate)
+        accepted = counts["accepted"] / max(counts["proposed"], 1)
+        print(f"{name:>28}  {accepted:>8.2f}  {new_tokens / seconds:>7,.0f}  {plain_seconds / seconds:>7.2f}x  "
+              f"{'yes' if tokens == plain else 'no'}")
+
+
+def against_transformers(config, params, prompt_1t: np.ndarray, new_tokens: int) -> None:
+    """Prints lm's batch-1 greedy decoding against transformers' `generate` on the same weights."""
+    import os
+    import tempfile
+
+    import torch
+    import transformers
+
+    from lm.hf import architectures, weights
+
+    with tempfile.TemporaryDirectory() as directory:
+        weights.save_params(params, config, directory, max_shard_bytes=2**40)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(architectures.hf_config_from(config), f)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    torch.set_num_threads(os.cpu_count())
+    input_ids = torch.tensor(prompt_1t, dtype=torch.long)
+
+    def hf_generate():
+        with torch.no_grad():
+            out = hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+                                    pad_token_id=0)
+        return out[0, prompt_1t.shape[1]:].tolist()
+
+    hf_seconds, hf_tokens = timed(hf_generate)
+    lm_seconds, lm_tokens = timed(lambda: generate.generate(config, params, prompt_1t.tolist(),
+                                                            max_new_tokens=new_tokens)[0])
+    agree = np.mean(np.asarray(hf_tokens) == np.asarray(lm_tokens))
+    print(f"batch 1 greedy, {new_tokens} new tokens: lm {new_tokens / lm_seconds:,.0f} tok/s, transformers "
+          f"{transformers.__version__} (PyTorch {torch.__version__}, {torch.get_num_threads()} threads) "
+          f"{new_tokens / hf_seconds:,.0f} tok/s: {hf_seconds / lm_seconds:.2f}x; same tokens {100 * agree:.0f}%")
+
+
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -128,6 +228,10 @@ def main(argv):
         agree = float(np.mean(cached == recomputed))
         print(f"{batch:>5}  {batch * new_tokens / cached_seconds:>14,.0f}  {batch * new_tokens / recompute_seconds:>15,.0f}  "
               f"{recompute_seconds / cached_seconds:>7.1f}x  {100 * agree:.0f}%")
+    prompt_1t = rng.integers(0, config.model.vocab_size, (1, prompt_length), dtype=np.int32)
+    speculative_decoding(config, params, prompt_1t, new_tokens)
+    if _TRANSFORMERS.value:
+        against_transformers(config, params, prompt_1t, new_tokens)
 
 
 if __name__ == "__main__":
