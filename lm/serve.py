@@ -2,7 +2,7 @@
 
     pip install -e '.[serve]'
     python -m lm.serve --workdir=DIR [--port=8000] [--host=127.0.0.1] [--step=N] [--slots=8] [--page_size=16]
-        [--chunk=64]
+        [--chunk=64] [--policy=continuous|static]
 
 Endpoints (FastAPI on uvicorn):
 - `POST /v1/completions` and `POST /v1/chat/completions`: OpenAI's request and response shapes, streaming with
@@ -386,6 +386,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("slots", 8, "Requests decoded at once (engine rows).")
     flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.")
     flags.DEFINE_integer("chunk", 64, "Prompt tokens a row prefills per step.")
+    flags.DEFINE_enum("policy", "continuous", ["continuous", "static"],
+                      "Batching: continuous, or static (the baseline: a new batch once the last has finished).")
 
 
 def main(argv):
@@ -394,7 +396,7 @@ def main(argv):
     restored = checkpoint.restore(FLAGS.workdir, FLAGS.step)
     tokenizer = tokenizer_lib.from_workdir(FLAGS.workdir)
     server = Server(restored.config, restored.params, tokenizer, model_name=FLAGS.workdir.rstrip("/").split("/")[-1],
-                    slots=FLAGS.slots, page_size=FLAGS.page_size, chunk=FLAGS.chunk)
+                    slots=FLAGS.slots, page_size=FLAGS.page_size, chunk=FLAGS.chunk, policy=FLAGS.policy)
     server.engine.start()
     print(f"lm.serve: {FLAGS.workdir} (step {restored.step}) on http://{FLAGS.host}:{FLAGS.port}", flush=True)
     uvicorn.run(server.app, host=FLAGS.host, port=FLAGS.port, log_level="warning")

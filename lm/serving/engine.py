@@ -12,6 +12,9 @@ The engine owns `slots` rows of one `lm.kv_cache.KVCache` in the paged layout: a
 4. finished rows (a stop id, `max_tokens`, the context's end, or cancelled) free their row and pages at once, so the
    next step admits waiting requests in their place.
 
+`policy="static"` is the baseline continuous batching replaces: a new batch is admitted only when every row of the
+last one has finished, so rows that finish early sit idle until the longest is done.
+
 Two compiled programs serve every mix (`[slots, chunk]` tokens while any row prefills, `[slots, 1]` otherwise), so
 after they are warm nothing compiles again (`compiled_programs`). Draws use `fold_in(key(seed), position)` per
 row, so a request's tokens do not depend on what else is in the batch.
@@ -89,8 +92,11 @@ class Engine:
     `start()` runs them on a background thread whenever work is waiting."""
 
     def __init__(self, config: ml_collections.ConfigDict, params, *, slots: int = 8, page_size: int = 16,
-                 pages: int | None = None, chunk: int = 64, max_len: int | None = None):
+                 pages: int | None = None, chunk: int = 64, max_len: int | None = None, policy: str = "continuous"):
         max_len = config.model.max_seq_len if max_len is None else max_len
+        if policy not in ("continuous", "static"):
+            raise ArgumentError(f"policy must be 'continuous' or 'static', got {policy!r}")
+        self.policy = policy
         if min(slots, page_size, chunk, max_len) < 1:
             raise ArgumentError(f"slots, page_size, chunk and max_len must be >= 1, got {slots}, {page_size}, "
                                 f"{chunk}, {max_len}")
@@ -235,6 +241,8 @@ class Engine:
         return self._send(events)
 
     def _admit(self) -> None:
+        if self.policy == "static" and any(row is not None for row in self.rows):
+            return  # Static batching (the baseline): a new batch only once the whole last one has finished.
         with self.lock:
             for b in range(self.slots):
                 if self.rows[b] is not None or not self.waiting:

@@ -1,0 +1,167 @@
+"""Serving: a trace of mixed prompt and output lengths against `lm.serve`, continuous against static batching.
+
+    python -m lm.bench.serve [--config=configs/tiny.py | --workdir=DIR] [--requests=64] [--slots=8]
+        [--prompt_tokens=8,128] [--output_tokens=4,128] [--rate=0]
+
+For each batching policy (`lm.serving.engine`: continuous, and static, where a new batch waits for the whole last
+one) an `lm.serve` app is run in this process (uvicorn on a free local port), warmed up with a few requests of the
+trace's shapes, then sent the trace: `--requests` completions whose prompt and output lengths are drawn log-uniformly
+from the given ranges (mostly short requests, a few long ones; random token ids, temperature 1), all at once (`--rate=0`) or arriving as a Poisson process of `--rate`
+requests/s. Every request streams (the official `openai` client, `AsyncOpenAI`), so the client sees each token as it
+arrives (the benchmark's tokenizer writes token i as `<i>`, and the server has no EOS to stop at, so each request
+produces exactly its output length). Reported, all from one run of each: output tokens/s over the trace's makespan, time to first token and
+inter-token latency percentiles (p50 / p90 / p99), and how many programs were compiled during the timed trace
+(after the warm-up; 0 is the target). The ratio of the two policies' throughputs is taken in this run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+from absl import flags
+import flax.linen as nn
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from lm import cli
+from lm import model as model_lib
+from lm.errors import ArgumentError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (random weights).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run to serve instead of the config's random model.")
+_REQUESTS = flags.DEFINE_integer("requests", 64, "Requests in the trace.")
+_SLOTS = flags.DEFINE_integer("slots", 8, "Engine rows (requests decoded at once).")
+_PROMPT = flags.DEFINE_list("prompt_tokens", ["8", "128"], "Prompt lengths: log-uniform in [low, high].")
+_OUTPUT = flags.DEFINE_list("output_tokens", ["4", "128"], "Output lengths: log-uniform in [low, high].")
+_RATE = flags.DEFINE_float("rate", 0.0, "Arrivals per second (Poisson); 0: every request at once.")
+_CHUNK = flags.DEFINE_integer("chunk", 64, "Prompt tokens a row prefills per step.")
+
+
+class _Tokenizer:
+    """Token ids as text: the trace is ids, and the server's replies are read back as ids (`decode` joins them)."""
+
+    bos_id, pad_id, eos_id, chat_template = None, 0, None, None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def decode(self, ids) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError("the benchmark sends token ids")
+
+    def special_tokens(self) -> dict[str, str]:
+        return {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(server) -> tuple[str, object]:
+    import uvicorn
+
+    port = _free_port()
+    runner = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=runner.run, daemon=True).start()
+    while not runner.started:
+        time.sleep(0.05)
+    server.engine.start()
+    return f"http://127.0.0.1:{port}/v1", runner
+
+
+async def _run_trace(base_url: str, trace, rate: float, seed: int):
+    """Sends the trace; returns `(makespan_s, tokens, first_token_s, inter_token_s)`."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3600)
+    rng = np.random.default_rng(seed)
+    first, gaps, tokens = [], [], 0
+
+    async def one(prompt, output, delay):
+        nonlocal tokens
+        await asyncio.sleep(delay)
+        sent = time.perf_counter()
+        stream = await client.completions.create(model="lm", prompt=prompt, max_tokens=output, temperature=1.0,
+                                                 stream=True, seed=int(rng.integers(2**31)))
+        last = None
+        async for chunk in stream:
+            now = time.perf_counter()
+            if not chunk.choices[0].text:
+                continue
+            count = chunk.choices[0].text.count("<")
+            tokens += count
+            if last is None:
+                first.append(now - sent)
+            else:
+                gaps.append(now - last)
+            last = now
+
+    delays = np.cumsum(rng.exponential(1 / rate, len(trace))) if rate > 0 else np.zeros(len(trace))
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p, o, d) for (p, o), d in zip(trace, delays)))
+    makespan = time.perf_counter() - start
+    await client.close()
+    return makespan, tokens, np.asarray(first), np.asarray(gaps)
+
+
+def _percentiles(values_s: np.ndarray) -> str:
+    p50, p90, p99 = np.percentile(values_s * 1e3, [50, 90, 99]) if len(values_s) else (0, 0, 0)
+    return f"{p50:>7.0f} {p90:>7.0f} {p99:>7.0f}"
+
+
+def main(argv):
+    del argv
+    from lm import serve
+
+    if _WORKDIR.value:
+        from lm import checkpoint
+
+        restored = checkpoint.restore(_WORKDIR.value)
+        config, params = restored.config, restored.params
+    else:
+        config = _CONFIG.value
+        params = nn.unbox(model_lib.init(model_lib.build(config), jax.random.key(0)))
+    vocab = config.model.vocab_size
+    rng = np.random.default_rng(0)
+    low_p, high_p = map(int, _PROMPT.value)
+    low_o, high_o = map(int, _OUTPUT.value)
+    if high_p + high_o > config.model.max_seq_len:
+        raise ArgumentError(f"--prompt_tokens and --output_tokens ({high_p} + {high_o}) exceed the model's "
+                                f"max_seq_len={config.model.max_seq_len}")
+    # Log-uniform lengths: mostly short requests and a few long ones, as in chat traffic.
+    length = lambda low, high: int(np.exp(rng.uniform(np.log(low), np.log(high + 1))))
+    trace = [(rng.integers(1, vocab, length(low_p, high_p)).tolist(), length(low_o, high_o))
+             for _ in range(_REQUESTS.value)]
+    # Warm-up: one request of each compiled shape's kind (a prompt longer than a chunk, then decoding).
+    warm_up = [(trace[0][0][:1] * (_CHUNK.value + 1), 2)] * 2
+    print(f"{config.model.num_layers} layers, d_model {config.model.d_model}, vocab {vocab}; {len(trace)} requests, "
+          f"prompts {low_p}-{high_p} tokens, outputs {low_o}-{high_o} tokens, "
+          f"{'all at once' if not _RATE.value else f'{_RATE.value:g} requests/s'}; {_SLOTS.value} rows, "
+          f"{jax.devices()[0].device_kind}")
+    print(f"{'batching':>10}  {'tokens/s':>8}  {'makespan s':>10}  {'TTFT ms p50 p90 p99':>23}  "
+          f"{'ITL ms p50 p90 p99':>23}  compiles after warm-up")
+    throughput = {}
+    for policy in ("continuous", "static"):
+        server = serve.Server(config, params, _Tokenizer(vocab), model_name="lm", slots=_SLOTS.value,
+                              chunk=_CHUNK.value, policy=policy)
+        base_url, runner = _start(server)
+        asyncio.run(_run_trace(base_url, warm_up, 0.0, seed=1))
+        compiled = server.engine.compiled_programs()
+        makespan, tokens, first, gaps = asyncio.run(_run_trace(base_url, trace, _RATE.value, seed=2))
+        throughput[policy] = tokens / makespan
+        print(f"{policy:>10}  {tokens / makespan:>8,.0f}  {makespan:>10.1f}  {_percentiles(first):>23}  "
+              f"{_percentiles(gaps):>23}  {server.engine.compiled_programs() - compiled}")
+        runner.should_exit = True
+    print(f"continuous / static throughput: {throughput['continuous'] / throughput['static']:.2f}x")
+
+
+if __name__ == "__main__":
+    cli.run(main)
