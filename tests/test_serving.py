@@ -116,3 +116,18 @@ def test_cancelling_frees_the_row_and_bad_requests_are_refused(small):
         fields = {"prompt": [1, 2], "max_tokens": 4, **bad}
         with pytest.raises(engine_lib.ArgumentError, match=message):
             engine.submit(engine_lib.Request(**fields))
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_continuous_batching_refills_a_row_at_once_and_static_waits_for_the_batch(small, policy):
+    config, params = small
+    engine = engine_lib.Engine(config, params, slots=2, page_size=8, chunk=8, policy=policy)
+    order = []
+    requests = [engine_lib.Request([5, 6, 7], n, on_token=lambda e: order.append(e.request_id)) for n in (2, 12, 2)]
+    for request in requests:
+        engine.submit(request)
+    engine.run_until_done()
+    short, long_, late = (r.id for r in requests)
+    first_of_late, last_of_long = order.index(late), len(order) - 1 - order[::-1].index(long_)
+    # Continuous: the third request takes the first one's row while the long one still runs; static: after it.
+    assert (first_of_late < last_of_long) == (policy == "continuous"), order
