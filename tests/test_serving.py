@@ -58,7 +58,7 @@ def test_paged_continuous_batching_gives_each_request_its_contiguous_cache_token
                                  eos_id=EOS)[0]
         assert tokens == want, request.prompt
         assert reason == ("stop" if want[-1] == EOS else "length")
-    assert engine.compiled_programs() == 2  # [slots, chunk] while prefilling, [slots, 1] otherwise.
+    assert engine.compiled_programs() == 2  # [1, chunk] for a prefilling row, [slots, 1] for decoding rows.
     # Each request alone in the engine: the same tokens; and nothing compiles again.
     for request in requests[:4]:
         alone = serve(engine, [engine_lib.Request(request.prompt, request.max_tokens, stop_ids=(EOS,))])

@@ -5,8 +5,9 @@ The engine owns `slots` rows of one `lm.kv_cache.KVCache` in the paged layout: a
 
 1. admit: waiting requests take free rows while the pool has the pages their prompt and `max_tokens` need (reserved
    whole at admission, so a running request never waits for memory; page 0 is never handed out, `lm.kv_cache`);
-2. one forward pass of the whole batch: a row still prefilling feeds the next `chunk` tokens of its prompt, a
-   decoding row its newest token, an idle row nothing (`Transformer.decode`'s `lengths_b`);
+2. forward passes: the oldest row still prefilling feeds the next `chunk` tokens of its prompt alone (`[1, chunk]`),
+   then every decoding row its newest token (`[slots, 1]`, idle rows feeding nothing: `Transformer.decode`'s
+   `lengths_b`), so decoding rows never pay for a chunk's width;
 3. each row whose prompt is all in draws a token from the logits after its last one, with its own settings
    (`lm.sampling.RowSampling`, repetition control from its text so far) and its own seed;
 4. finished rows (a stop id, `max_tokens`, the context's end, or cancelled) free their row and pages at once, so the
@@ -15,8 +16,8 @@ The engine owns `slots` rows of one `lm.kv_cache.KVCache` in the paged layout: a
 `policy="static"` is the baseline continuous batching replaces: a new batch is admitted only when every row of the
 last one has finished, so rows that finish early sit idle until the longest is done.
 
-Two compiled programs serve every mix (`[slots, chunk]` tokens while any row prefills, `[slots, 1]` otherwise), so
-after they are warm nothing compiles again (`compiled_programs`). Draws use `fold_in(key(seed), position)` per
+Two compiled programs serve every mix (`[1, chunk]` and `[slots, 1]`; the page pool has no batch axis, so both read
+and write the same cache), so after they are warm nothing compiles again (`compiled_programs`). Draws use `fold_in(key(seed), position)` per
 row, so a request's tokens do not depend on what else is in the batch.
 """
 
@@ -187,58 +188,65 @@ class Engine:
         events = self._drop_cancelled()
         self._admit()
         active = [b for b, row in enumerate(self.rows) if row is not None]
-        if not active:
-            return self._send(events)
-        prefilling = any(self.rows[b].prefilling for b in active)
-        width = self.chunk if prefilling else 1
-        tokens_bt = np.zeros((self.slots, width), np.int32)
-        lengths_b = np.zeros(self.slots, np.int32)
-        for b in active:
-            row = self.rows[b]
+        decoding = [b for b in active if not self.rows[b].prefilling]
+        prefilling = [b for b in active if self.rows[b].prefilling]
+        if prefilling:  # The oldest prefilling row's next chunk, alone: decoding rows never pay for its width.
+            events += self._run([prefilling[0]], self.chunk)
+        if decoding:
+            events += self._run([b if b in decoding else None for b in range(self.slots)], 1)
+        return self._send(events)
+
+    def _run(self, batch: list[int | None], width: int) -> list[Event]:
+        """One forward pass of the rows `batch` (row indices, None for an empty place), each feeding up to `width`
+        tokens, and the draws of those whose prompt is then all in."""
+        rows = [(i, b, self.rows[b]) for i, b in enumerate(batch) if b is not None]
+        size = len(batch)
+        tokens_bt = np.zeros((size, width), np.int32)
+        lengths_b = np.zeros(size, np.int32)
+        pages_bj = np.zeros((size, self.row_pages), np.int32)
+        index_b = np.zeros(size, np.int32)
+        context_bs = np.zeros((size, self.max_len), np.int32)
+        reply_start_b = np.zeros(size, np.int32)
+        seeds_b = np.zeros(size, np.uint32)
+        settings = [Sampling()] * size
+        for i, _, row in rows:
             feed = row.tokens[row.fed:row.fed + width] if row.prefilling else row.tokens[-1:]
-            tokens_bt[b, :len(feed)] = feed
-            lengths_b[b] = len(feed)
-        pages_bj = np.zeros((self.slots, self.row_pages), np.int32)
-        index_b = np.zeros(self.slots, np.int32)
-        context_bs = np.zeros((self.slots, self.max_len), np.int32)
-        reply_start_b = np.zeros(self.slots, np.int32)
-        seeds_b = np.zeros(self.slots, np.uint32)
-        settings = [Sampling()] * self.slots
-        for b in active:
-            row = self.rows[b]
-            pages_bj[b, :len(row.pages)] = row.pages
-            index_b[b] = row.fed
-            known = row.tokens[:row.fed + lengths_b[b]]
-            context_bs[b, :len(known)] = known
-            reply_start_b[b] = len(row.request.prompt)
-            seeds_b[b] = row.request.seed
-            settings[b] = row.request.sampling
-        self.cache = self.cache.with_slots(index_b=jnp.asarray(index_b), pages_bj=jnp.asarray(pages_bj))
-        context = Context(context_bs, np.zeros(self.slots, np.int32), reply_start_b, index_b + lengths_b)
+            tokens_bt[i, :len(feed)] = feed
+            lengths_b[i] = len(feed)
+            pages_bj[i, :len(row.pages)] = row.pages
+            index_b[i] = row.fed
+            known = row.tokens[:row.fed + len(feed)]
+            context_bs[i, :len(known)] = known
+            reply_start_b[i] = len(row.request.prompt)
+            seeds_b[i] = row.request.seed
+            settings[i] = row.request.sampling
+        self.cache = self.cache.with_slots(index_b=jnp.asarray(index_b), start_b=jnp.zeros(size, jnp.int32),
+                                           pages_bj=jnp.asarray(pages_bj))
+        context = Context(context_bs, np.zeros(size, np.int32), reply_start_b, index_b + lengths_b)
         self.cache, token_b, logprob_b, top_ids_bk, top_logprobs_bk = self._step(
             self.params, self.cache, tokens_bt, lengths_b, RowSampling.of(settings), context, seeds_b)
         token_b, logprob_b, top_ids_bk, top_logprobs_bk = jax.device_get(
             (token_b, logprob_b, top_ids_bk, top_logprobs_bk))
         self.steps += 1
-        for b in active:
-            row = self.rows[b]
-            row.fed += int(lengths_b[b])
+        events = []
+        for i, b, row in rows:
+            row.fed += int(lengths_b[i])
             if row.prefilling:
                 continue
-            token = int(token_b[b])
+            token = int(token_b[i])
             row.tokens.append(token)
             request = row.request
-            top = tuple((int(i), float(lp)) for i, lp in zip(top_ids_bk[b, :request.logprobs],
-                                                             top_logprobs_bk[b, :request.logprobs]))
+            top = tuple((int(t), float(lp)) for t, lp in zip(top_ids_bk[i, :request.logprobs],
+                                                             top_logprobs_bk[i, :request.logprobs]))
             finish = None
             if token in request.stop_ids:
                 finish = "stop"
             elif row.reply_length >= request.max_tokens:
                 finish = "length"
-            events.append(Event(request.id, token, float(logprob_b[b]), top, finish))
+            events.append(Event(request.id, token, float(logprob_b[i]), top, finish))
             if finish is not None:
                 self._free(b)
-        return self._send(events)
+        return events
 
     def _admit(self) -> None:
         if self.policy == "static" and any(row is not None for row in self.rows):
