@@ -99,7 +99,9 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = pydantic.Field(default=None, ge=1)
 
 
-class BadRequest(Exception):
+class BadRequest(ArgumentError):
+    """A request the server refuses: answered with `status` and OpenAI's error body naming `param`."""
+
     def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
         self.message, self.param, self.status = message, param, status
