@@ -277,14 +277,14 @@ class StopStrings:
         z = self.stops_zm.shape[1]
         end_e = jnp.arange(w - m + 1, w + 1)  # Candidate ends, within the last m bytes.
         starts_ez = end_e[:, None] - z + jnp.arange(z)[None, :]
-        windows_beze = tail_bw[:, jnp.clip(starts_ez, 0, w - 1)]  # [b, ends, z]
-        equal_bsez = windows_beze[:, None] == self.stops_zm[None, :, None, :]
+        windows_bez = tail_bw[:, jnp.clip(starts_ez, 0, w - 1)]  # [b, ends, z]
+        equal_bzez = windows_bez[:, None] == self.stops_zm[None, :, None, :]
         real_sz = jnp.arange(z)[None, :] >= (z - self.stop_lengths_z)[:, None]  # The right-aligned real bytes.
-        matches_bse = jnp.all(equal_bsez | ~real_sz[None, :, None, :], axis=-1)
+        matches_bze = jnp.all(equal_bzez | ~real_sz[None, :, None, :], axis=-1)
         in_token_be = end_e[None, :] > (w - length_b)[:, None]
-        long_enough_bse = (end_e[None, None, :] - self.stop_lengths_z[None, :, None]
+        long_enough_bze = (end_e[None, None, :] - self.stop_lengths_z[None, :, None]
                            >= (w - filled_b)[:, None, None])
-        stopped_b = jnp.any(matches_bse & in_token_be[:, None, :] & long_enough_bse, axis=(1, 2))
+        stopped_b = jnp.any(matches_bze & in_token_be[:, None, :] & long_enough_bze, axis=(1, 2))
         return tail_bw, filled_b, stopped_b
 
 

@@ -5,13 +5,14 @@
 
 For each batching policy (`lm.serving.engine`: continuous, and static, where a new batch waits for the whole last
 one) an `lm.serve` app is run in this process (uvicorn on a free local port), warmed up with a few requests of the
-trace's shapes, then sent the trace: `--requests` completions whose prompt and output lengths are drawn log-uniformly
-from the given ranges (mostly short requests, a few long ones; random token ids, temperature 1), all at once (`--rate=0`) or arriving as a Poisson process of `--rate`
-requests/s. Every request streams (the official `openai` client, `AsyncOpenAI`), so the client sees each token as it
-arrives (the benchmark's tokenizer writes token i as `<i>`, and the server has no EOS to stop at, so each request
-produces exactly its output length). Reported, all from one run of each: output tokens/s over the trace's makespan, time to first token and
-inter-token latency percentiles (p50 / p90 / p99), and how many programs were compiled during the timed trace
-(after the warm-up; 0 is the target). The ratio of the two policies' throughputs is taken in this run.
+trace's shapes, then sent the trace: `--requests` completions whose prompt and output lengths are drawn
+log-uniformly from the given ranges (mostly short requests, a few long ones; random token ids, temperature 1), all
+at once (`--rate=0`) or arriving as a Poisson process of `--rate` requests/s. Every request streams (the official
+`openai` client, `AsyncOpenAI`), so the client sees each token as it arrives (the benchmark's tokenizer writes token
+i as `<i>`, and the server has no EOS to stop at, so each request produces exactly its output length). Reported, all
+from one run of each: output tokens/s over the trace's makespan, time to first token and inter-token latency
+percentiles (p50 / p90 / p99), and how many programs were compiled during the timed trace (after the warm-up; 0 is
+the target). The ratio of the two policies' throughputs is taken in this run.
 """
 
 from __future__ import annotations

@@ -10,15 +10,15 @@ The engine owns `slots` rows of one `lm.kv_cache.KVCache` in the paged layout: a
    `lengths_b`), so decoding rows never pay for a chunk's width;
 3. each row whose prompt is all in draws a token from the logits after its last one, with its own settings
    (`lm.sampling.RowSampling`, repetition control from its text so far) and its own seed;
-4. finished rows (a stop id, `max_tokens`, the context's end, or cancelled) free their row and pages at once, so the
+4. finished rows (a stop id, `max_tokens`, or cancelled) free their row and pages at once, so the
    next step admits waiting requests in their place.
 
 `policy="static"` is the baseline continuous batching replaces: a new batch is admitted only when every row of the
 last one has finished, so rows that finish early sit idle until the longest is done.
 
 Two compiled programs serve every mix (`[1, chunk]` and `[slots, 1]`; the page pool has no batch axis, so both read
-and write the same cache), so after they are warm nothing compiles again (`compiled_programs`). Draws use `fold_in(key(seed), position)` per
-row, so a request's tokens do not depend on what else is in the batch.
+and write the same cache), so after they are warm nothing compiles again (`compiled_programs`). Draws use
+`fold_in(key(seed), position)` per row, so a request's tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Engine:
         self.model = model_lib.build(config)
         self.slots, self.page_size, self.chunk = slots, page_size, chunk
         self.row_pages = -(-max_len // page_size)
-        self.max_len = self.row_pages * page_size
+        self.max_len = max_len  # The context a request may fill; its pages may hold a few slots more.
         pages = 1 + slots * self.row_pages if pages is None else pages
         self.cache = kv_cache.KVCache.paged(self.model.cfg, pages, page_size,
                                             np.zeros((slots, self.row_pages), np.int32), np.zeros(slots, np.int32))
@@ -205,7 +205,7 @@ class Engine:
         lengths_b = np.zeros(size, np.int32)
         pages_bj = np.zeros((size, self.row_pages), np.int32)
         index_b = np.zeros(size, np.int32)
-        context_bs = np.zeros((size, self.max_len), np.int32)
+        context_bs = np.zeros((size, self.row_pages * self.page_size), np.int32)
         reply_start_b = np.zeros(size, np.int32)
         seeds_b = np.zeros(size, np.uint32)
         settings = [Sampling()] * size
