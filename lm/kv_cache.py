@@ -59,26 +59,28 @@ class Slots:
         allowed_bts = (slot_s[None, None, :] <= query_bt[:, :, None]) & (slot_s >= self.start_b[:, None])[:, None, :]
         return allowed_bts[:, None]
 
-    def write(self, layer_cache: jax.Array, new_bt__: jax.Array) -> jax.Array:
-        """One layer's cache (`[b, s, ...]`, or a paged pool `[pages, page_size, ...]`) with the new tokens' entries
-        `new_bt__` `[b, t, ...]` at slots `index_b + [0, t)`. Slots past the cache's end are dropped (a contiguous
-        row) or land in page 0 (a paged row), never on another slot."""
+    def write(self, cache_l__: jax.Array, layer: jax.Array, new_bt__: jax.Array) -> jax.Array:
+        """Every layer's cache (`[layers, b, s, ...]`, or a paged pool `[layers, pages, page_size, ...]`) with layer
+        `layer`'s new entries `new_bt__` `[b, t, ...]` at slots `index_b + [0, t)`. Slots past the cache's end are
+        dropped (a contiguous row) or land in page 0 (a paged row), never on another slot. Only the new entries are
+        written: the layer loop carries the whole cache, so XLA updates it in place instead of copying it per step."""
         slot_bt = self.query_slots(new_bt__.shape[1])
-        new_bt__ = new_bt__.astype(layer_cache.dtype)
+        new_bt__ = new_bt__.astype(cache_l__.dtype)
         if self.pages_bj is None:
             row_bt = jnp.broadcast_to(jnp.arange(slot_bt.shape[0])[:, None], slot_bt.shape)
-            return layer_cache.at[row_bt, slot_bt].set(new_bt__, mode="drop")
-        page_size, row_pages = layer_cache.shape[1], self.pages_bj.shape[1]
+            return cache_l__.at[layer, row_bt, slot_bt].set(new_bt__, mode="drop")
+        page_size, row_pages = cache_l__.shape[2], self.pages_bj.shape[1]
         table_index_bt = slot_bt // page_size
         page_bt = jnp.take_along_axis(self.pages_bj, jnp.minimum(table_index_bt, row_pages - 1), axis=1)
         page_bt = jnp.where(table_index_bt < row_pages, page_bt, 0)
-        return layer_cache.at[page_bt, slot_bt % page_size].set(new_bt__)
+        return cache_l__.at[layer, page_bt, slot_bt % page_size].set(new_bt__)
 
-    def read(self, layer_cache: jax.Array) -> jax.Array:
-        """One layer's cache as rows of slots `[b, s, ...]`: itself (contiguous) or each row's pages in order."""
+    def read(self, cache_l__: jax.Array, layer: jax.Array) -> jax.Array:
+        """Layer `layer` of every layer's cache as rows of slots `[b, s, ...]`: its rows (contiguous) or each row's
+        pages in order (paged; only those pages are gathered)."""
         if self.pages_bj is None:
-            return layer_cache
-        pages_bjP_ = jnp.take(layer_cache, self.pages_bj, axis=0)  # [b, pages per row, page_size, ...]
+            return jax.lax.dynamic_index_in_dim(cache_l__, layer, keepdims=False)
+        pages_bjP_ = cache_l__[layer, self.pages_bj]  # [b, pages per row, page_size, ...]
         b, j, page_size = pages_bjP_.shape[:3]
         return pages_bjP_.reshape(b, j * page_size, *pages_bjP_.shape[3:])
 

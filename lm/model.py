@@ -129,9 +129,10 @@ class Attention(nn.Module):
     """Causal self-attention with `num_kv_heads` key/value heads (MHA, GQA or MQA), with RoPE, ALiBi or a relative
     bias (`bias_1nts`, T5's, computed once per forward by `Transformer`) as `config.model.position_embedding` says.
 
-    With `layer_cache = (key, value, slots)` (one layer of a `lm.kv_cache.KVCache`, contiguous or paged, and its
-    `Slots`), the new keys and values are written to each row's slots `index_b + [0, t)` and the queries attend to
-    the row's whole cache; the updated `(key, value)` are returned beside the output (None without a cache).
+    With `layer_cache = (key, value, slots, layer)` (every layer's arrays of a `lm.kv_cache.KVCache`, contiguous or
+    paged, its `Slots` and this layer's index), the new keys and values are written to layer `layer` at each row's
+    slots `index_b + [0, t)` and the queries attend to the row's whole cache; the updated `(key, value)` are returned
+    beside the output (None without a cache).
     `peft`: the frozen `config.finetune` section of a run with adapters (`lm.peft`: LoRA on the projections, gated
     prefixes), or None.
     """
@@ -163,9 +164,9 @@ class Attention(nn.Module):
                 max_segments=cfg.attention_max_segments,
                 **_attention_biases(cfg, bias_1nts, cached=False))
         else:
-            key_cache, value_cache, slots = layer_cache
-            new_cache = (slots.write(key_cache, k_btgh), slots.write(value_cache, v_btgh))
-            key_bsgh, value_bsgh = slots.read(new_cache[0]), slots.read(new_cache[1])
+            key_cache, value_cache, slots, layer = layer_cache
+            new_cache = (slots.write(key_cache, layer, k_btgh), slots.write(value_cache, layer, v_btgh))
+            key_bsgh, value_bsgh = slots.read(new_cache[0], layer), slots.read(new_cache[1], layer)
             # The XLA path: a few query rows against the cache is a small matrix-vector product, not flash-attention.
             out_btnh = attention_lib.dot_product_attention(
                 q_btnh, key_bsgh, value_bsgh, causal=False, mask_b1ts=slots.mask(x_btd.shape[1], key_bsgh.shape[1]),
@@ -240,9 +241,10 @@ class LatentAttention(nn.Module):
                 jnp.concatenate([q_nope_btnp, q_rope_btno], -1), k_btnh, v_btnu, segment_ids_bt=segment_ids_bt,
                 causal=True, implementation=implementation, max_segments=cfg.attention_max_segments)[..., :u]
         else:
-            latent_cache, _, slots = layer_cache
-            new_cache = (slots.write(latent_cache, jnp.concatenate([latent_btc[:, :, None], k_rope_bt1o], -1)), None)
-            cache_bs1e = slots.read(new_cache[0])
+            latent_cache, _, slots, layer = layer_cache
+            new_latent = jnp.concatenate([latent_btc[:, :, None], k_rope_bt1o], -1)
+            new_cache = (slots.write(latent_cache, layer, new_latent), None)
+            cache_bs1e = slots.read(new_cache[0], layer)
             mask_b1ts = slots.mask(x_btd.shape[1], cache_bs1e.shape[1])
             if mla.absorb:
                 q_latent_btnc = jnp.einsum("btnp,cnp->btnc", q_nope_btnp, kv_up_cnh[..., :p])
@@ -280,10 +282,11 @@ class Block(nn.Module):
 
     pre-norm:  x = x + attn(norm(x)); x = x + mlp(norm(x))
     post-norm: x = norm(x + attn(x)); x = norm(x + mlp(x))
-    Signature `(carry, positions, segment_ids, kv (scanned), slots (broadcast), layer (scanned), reft (broadcast),
-    bias (broadcast)) -> (carry, (new kv, moe stats))` so it can be stacked with `nn.scan`; `kv = (key_bsgh,
-    value_bsgh)` and `slots` (`lm.kv_cache.Slots`) are None unless decoding; `layer` is this layer's index (int32
-    scalar). A LoReFT run edits the output (`lm.peft.Reft`) at the tokens `reft_bt` marks (bool `[b, t]`; None: every
+    Signature `((x, kv) (carried), positions, segment_ids, slots (broadcast), layer (scanned), reft (broadcast), bias
+    (broadcast)) -> ((x, kv), moe stats)` so it can be stacked with `nn.scan`; `kv = (key_lbsgh, value_lbsgh)` is
+    every layer's cache (`lm.kv_cache.KVCache`), carried whole so each layer writes its new entries in place (a
+    scanned cache would be copied whole every step), and `slots` (`lm.kv_cache.Slots`); both are None unless
+    decoding. `layer` is this layer's index (int32 scalar). A LoReFT run edits the output (`lm.peft.Reft`) at the tokens `reft_bt` marks (bool `[b, t]`; None: every
     token). `bias_1nts`: the position bias of `position_embedding = "relative"`, or of `"alibi"` against a cache
     (`Transformer._position_bias`; else None). With `moe`, the
     MLP is `lm.moe.MoeMlp` and its routing statistics come out beside the cache (`{}` for a dense MLP); padding
@@ -295,8 +298,8 @@ class Block(nn.Module):
     moe: bool = False
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, slots=None, layer=None, reft_bt=None,
-                 bias_1nts=None):
+    def __call__(self, carry, positions_bt, segment_ids_bt, slots=None, layer=None, reft_bt=None, bias_1nts=None):
+        x_btd, kv = carry
         cfg = self.cfg
         attention_class = LatentAttention if cfg.attention_type == "mla" else Attention
         attention = functools.partial(attention_class(cfg, self.peft, name="attention"), bias_1nts=bias_1nts)
@@ -307,7 +310,7 @@ class Block(nn.Module):
         else:
             dense_mlp = Mlp(cfg, self.peft, name="mlp")
             mlp = lambda x: (dense_mlp(x), {})
-        layer_cache = None if kv is None else (*kv, slots)
+        layer_cache = None if kv is None else (*kv, slots, layer)
         if cfg.norm_position == "pre":
             attended_btd, kv = attention(
                 Norm(cfg, name="attention_norm")(x_btd), positions_bt, segment_ids_bt, layer_cache)
@@ -325,7 +328,7 @@ class Block(nn.Module):
             on = jnp.isin(layer, jnp.asarray(layers, jnp.int32)) if layers else jnp.bool_(True)
             x_btd = peft.Reft(cfg, self.peft.loreft, name="reft")(x_btd, on, reft_bt)
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
-        return x_btd, (kv, stats)
+        return (x_btd, kv), stats
 
 
 def layer_stacks(cfg) -> list[tuple[str, int, int, bool]]:
@@ -373,7 +376,7 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                 length=count,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.peft, moe, name=name) for name, _, count, moe in layer_stacks(cfg)]
@@ -481,24 +484,16 @@ class Transformer(nn.Module):
         bias_1nts = self._position_bias(tokens_bt.shape[1], cache)
         stats = []  # Per stack (scanned) or per layer: the MoE layers' routing statistics.
         if cfg.scan_layers:
-            per_stack = []
             for stack, (_, first, count, _) in zip(self.stacks, layer_stacks(cfg)):
-                stack_kv = None if cache is None else jax.tree.map(lambda a: a[first:first + count], kv_lbsgh)
                 layer_l = jnp.arange(first, first + count, dtype=jnp.int32)
-                x_btd, (stack_kv, stack_stats) = stack(
-                    x_btd, positions_bt, segment_ids_bt, stack_kv, slots, layer_l, reft_bt, bias_1nts)
-                per_stack.append(stack_kv)
+                (x_btd, kv_lbsgh), stack_stats = stack(
+                    (x_btd, kv_lbsgh), positions_bt, segment_ids_bt, slots, layer_l, reft_bt, bias_1nts)
                 stats.append(stack_stats)
-            kv_lbsgh = None if cache is None else jax.tree.map(lambda *a: jnp.concatenate(a), *per_stack)
         else:
-            per_layer = []
             for i, layer in enumerate(self.stacks):
-                x_btd, (kv, layer_stats) = layer(
-                    x_btd, positions_bt, segment_ids_bt, None if cache is None else jax.tree.map(
-                        lambda a: a[i], kv_lbsgh), slots, jnp.int32(i), reft_bt, bias_1nts)
-                per_layer.append(kv)
+                (x_btd, kv_lbsgh), layer_stats = layer(
+                    (x_btd, kv_lbsgh), positions_bt, segment_ids_bt, slots, jnp.int32(i), reft_bt, bias_1nts)
                 stats.append(jax.tree.map(lambda a: a[None], layer_stats))
-            kv_lbsgh = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         moe_stats = [s for s in stats if s]
         if moe_stats:
             # Every MoE layer's statistics, `[moe layers, ...]`: what `moe_stats_of` reads after `apply`.

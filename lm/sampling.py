@@ -145,9 +145,23 @@ def _off(value, off) -> bool:
     return isinstance(value, (int, float)) and value == off
 
 
+def _on(value, off):
+    """Where a setting is on: a Python bool for a `Sampling` scalar, bool `[b, 1]` for a per-row column."""
+    return value != off if isinstance(value, (int, float)) else jnp.asarray(value != off)
+
+
 def _per_row(value):
     """A scalar setting as is, a per-row array `[b]` as a column `[b, 1]` that broadcasts over the vocabulary."""
     return value if isinstance(value, (int, float)) else jnp.asarray(value)[:, None]
+
+
+def _where_any_row(on, step, logits_bv: jax.Array) -> jax.Array:
+    """`step(logits_bv)`, skipped when `on` (a per-row bool array, or a Python bool) holds for no row. Per-row
+    settings are data, so the skip is decided at run time (`lax.cond` runs one branch), keeping one compiled program:
+    a server batch where no row asks for top-k or top-p never pays for their sorts of the vocabulary."""
+    if isinstance(on, bool):
+        return step(logits_bv) if on else logits_bv
+    return jax.lax.cond(jnp.any(on), step, lambda unchanged_bv: unchanged_bv, logits_bv)
 
 
 def controlled(logits_bv: jax.Array, sampling: Sampling | RowSampling, context: Context | None) -> jax.Array:
@@ -160,11 +174,14 @@ def controlled(logits_bv: jax.Array, sampling: Sampling | RowSampling, context: 
     vocab = logits_bv.shape[-1]
     penalty, frequency, presence = (_per_row(getattr(sampling, name)) for name in (
         "repetition_penalty", "frequency_penalty", "presence_penalty"))
-    if not (_off(penalty, 1.0) and _off(frequency, 0.0) and _off(presence, 0.0)):
+    def penalise(logits_bv):
         text_count_bv, reply_count_bv = context.counts(vocab)
         penalised_bv = jnp.where(logits_bv > 0, logits_bv / penalty, logits_bv * penalty)
         logits_bv = jnp.where(text_count_bv > 0, penalised_bv, logits_bv)
-        logits_bv = logits_bv - frequency * reply_count_bv - presence * (reply_count_bv > 0)
+        return logits_bv - frequency * reply_count_bv - presence * (reply_count_bv > 0)
+
+    if not (_off(penalty, 1.0) and _off(frequency, 0.0) and _off(presence, 0.0)):
+        logits_bv = _where_any_row(_on(penalty, 1.0) | _on(frequency, 0.0) | _on(presence, 0.0), penalise, logits_bv)
     n = getattr(sampling, "no_repeat_ngram_size", 0)
     if n:
         logits_bv = jnp.where(context.repeated_ngram_ends(n, vocab), -jnp.inf, logits_bv)
@@ -193,17 +210,24 @@ def distribution(logits_bv: jax.Array, sampling: Sampling | RowSampling, context
         kth_largest_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
         logits_bv = jnp.where(logits_bv < kth_largest_b1, -jnp.inf, logits_bv)
     elif not isinstance(top_k, int):
-        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
-        kth_largest_b1 = jnp.take_along_axis(sorted_bv, jnp.clip(top_k - 1, 0, logits_bv.shape[-1] - 1), axis=-1)
-        logits_bv = jnp.where((top_k > 0) & (logits_bv < kth_largest_b1), -jnp.inf, logits_bv)
-    if not _off(top_p, 1.0):
+        def keep_top_k(logits_bv):
+            sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+            kth_largest_b1 = jnp.take_along_axis(sorted_bv, jnp.clip(top_k - 1, 0, logits_bv.shape[-1] - 1), axis=-1)
+            return jnp.where((top_k > 0) & (logits_bv < kth_largest_b1), -jnp.inf, logits_bv)
+
+        logits_bv = _where_any_row(top_k > 0, keep_top_k, logits_bv)
+
+    def keep_top_p(logits_bv):
         sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
         probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
         # Keep a token while the mass of the more likely ones is still short of p: the smallest set reaching p.
         mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
         kept_b1 = jnp.sum(mass_before_bv < top_p, axis=-1, keepdims=True)
         threshold_b1 = jnp.take_along_axis(sorted_bv, kept_b1 - 1, axis=-1)
-        logits_bv = jnp.where((top_p < 1.0) & (logits_bv < threshold_b1), -jnp.inf, logits_bv)
+        return jnp.where((top_p < 1.0) & (logits_bv < threshold_b1), -jnp.inf, logits_bv)
+
+    if not _off(top_p, 1.0):
+        logits_bv = _where_any_row(_on(top_p, 1.0), keep_top_p, logits_bv)
     if not _off(min_p, 0.0):
         # p >= min_p * p_max  <=>  logit >= max logit + log(min_p).
         floor_b1 = jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(min_p)

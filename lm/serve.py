@@ -188,24 +188,26 @@ class Server:
         except ArgumentError as error:
             raise BadRequest(str(error), "max_tokens" if "max_tokens" in str(error) else "prompt") from None
         self.metrics.prompt_tokens.inc(len(ids))
-        arrived, tokens, sent, stops = time.monotonic(), [], "", body.stops()
+        arrived, stops = time.monotonic(), body.stops()
+        reply, sent = _Detokenizer(self.tokenizer), ""
+        longest_stop = max((len(s) for s in stops), default=0)
         finished = False
         try:
             while True:
                 event = await queue.get()
                 if event.token is not None:
-                    if not tokens:
+                    if not reply.tokens:
                         self.metrics.first_token.observe(time.monotonic() - arrived)
                     self.metrics.generated(1)
                     if event.token not in self.stop_ids:
-                        tokens.append(event.token)
-                text = self.tokenizer.decode(tokens)
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                        reply.tokens.append(event.token)
                 reason = event.finish_reason
+                text = sent + reply.new_text(final=reason is not None)
+                # Only a stop string that ends in the new text can be new (the rest was searched before).
+                after = max(0, len(sent) - longest_stop + 1)
+                cut = min((i for i in (text.find(s, after) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
                     text, reason = text[:cut], "stop"
-                if reason is None and text.endswith("\ufffd"):
-                    text = text[:len(sent)]  # An incomplete UTF-8 character: wait for its other bytes.
                 delta, sent = text[len(sent):], text
                 if reason is not None:
                     finished = event.finish_reason is not None
@@ -363,6 +365,31 @@ class Server:
         return {"tokens": [piece(e.token) for e in events], "token_logprobs": [e.logprob for e in events],
                 "top_logprobs": [{piece(t): lp for t, lp in e.top_logprobs} for e in events],
                 "text_offset": []}
+
+
+class _Detokenizer:
+    """A reply's text, decoded a few tokens at a time (vLLM's incremental detokenization): each call decodes the
+    tokens since the last stable point with a few before them for context, so a reply of n tokens costs O(n), not
+    the O(n^2) of decoding it whole per token. A sentencepiece token's leading space or a multi-byte character split
+    over tokens decodes exactly as in the whole reply's `decode`."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix = 0  # Context tokens before the unread ones; their text is already out.
+        self.read = 0  # Tokens whose text is out.
+
+    def new_text(self, final: bool = False) -> str:
+        """The text the tokens appended since the last call add. An incomplete UTF-8 character (decoded as U+FFFD)
+        waits for its other bytes unless `final`."""
+        if self.read == len(self.tokens):
+            return ""
+        before = self.tokenizer.decode(self.tokens[self.prefix:self.read])
+        text = self.tokenizer.decode(self.tokens[self.prefix:])
+        if text.endswith("\ufffd") and not final:
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        return text[len(before):]
 
 
 async def _collect(stream, head) -> tuple[str, list, str]:

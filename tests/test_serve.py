@@ -137,3 +137,34 @@ def test_a_client_that_disconnects_frees_its_row(server):
         assert time.time() < deadline, "the disconnected request still holds its row"
         time.sleep(0.2)
     assert metrics(server)["lm_cancelled_requests_total"] == cancelled + 1
+
+
+def test_replies_are_detokenized_incrementally_as_decoded_whole(small_run):
+    """The server decodes a streamed reply a few tokens at a time (O(n), not O(n^2)); the pieces join to exactly the
+    whole reply's decode, leading spaces and characters split over tokens included."""
+    import numpy as np
+
+    from lm.data import tokenizer as tokenizer_lib
+    from lm.serve import _Detokenizer
+
+    class StripsLeadingSpace:
+        """Llama's sentencepiece decode: word pieces start with "▁", and a text's first space is dropped."""
+
+        vocab_size = 6
+        pieces = ["▁the", "▁cat", "s", "▁", "é", "."]
+
+        def decode(self, ids):
+            text = "".join(self.pieces[i] for i in ids).replace("▁", " ")
+            return text[1:] if text.startswith(" ") else text
+
+    rng = np.random.default_rng(0)
+    for tokenizer in (tokenizer_lib.from_workdir(small_run), StripsLeadingSpace()):
+        for trial in range(30):
+            ids = rng.integers(0, tokenizer.vocab_size, 40).tolist()
+            if trial == 0 and tokenizer.vocab_size > 6:
+                ids = tokenizer.encode("def naïve(x):\n    return '→ ' + x  # ünïcode, spaces   and tabs\t!")
+            reply, pieces = _Detokenizer(tokenizer), []
+            for i, token in enumerate(ids):
+                reply.tokens.append(token)
+                pieces.append(reply.new_text(final=i == len(ids) - 1))
+            assert "".join(pieces) == tokenizer.decode(ids), (trial, pieces)

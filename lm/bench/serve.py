@@ -1,18 +1,24 @@
 """Serving: a trace of mixed prompt and output lengths against `lm.serve`, continuous against static batching.
 
-    python -m lm.bench.serve [--config=configs/tiny.py | --workdir=DIR] [--requests=64] [--slots=8]
-        [--prompt_tokens=8,128] [--output_tokens=4,128] [--rate=0]
+    python -m lm.bench.serve [--config=configs/tiny.py | --workdir=DIR] [--requests=256] [--slots=16]
+        [--prompt_tokens=8,128] [--output_tokens=1,512] [--rate=0]
 
 For each batching policy (`lm.serving.engine`: continuous, and static, where a new batch waits for the whole last
 one) an `lm.serve` app is run in this process (uvicorn on a free local port), warmed up with a few requests of the
 trace's shapes, then sent the trace: `--requests` completions whose prompt and output lengths are drawn
-log-uniformly from the given ranges (mostly short requests, a few long ones; random token ids, temperature 1), all
+log-uniformly from the given ranges (mostly short requests, a few long ones, spanning the two to three orders of
+magnitude of chat traffic's reply lengths; random token ids, temperature 1), all
 at once (`--rate=0`) or arriving as a Poisson process of `--rate` requests/s. Every request streams (the official
 `openai` client, `AsyncOpenAI`), so the client sees each token as it arrives (the benchmark's tokenizer writes token
 i as `<i>`, and the server has no EOS to stop at, so each request produces exactly its output length). Reported, all
 from one run of each: output tokens/s over the trace's makespan, time to first token and inter-token latency
 percentiles (p50 / p90 / p99), and how many programs were compiled during the timed trace (after the warm-up; 0 is
 the target). The ratio of the two policies' throughputs is taken in this run.
+
+Static batching pays, for every batch, for its longest request, so the ratio grows with the spread of output lengths
+(about the mean of a batch's longest over the mean length): narrow the range with `--output_tokens` to see it fall.
+A config's random model gets the context the trace needs (`max_seq_len` raised if short); a trained `--workdir` keeps
+its own, and a trace that does not fit is refused.
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ from lm.errors import ArgumentError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (random weights).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run to serve instead of the config's random model.")
-_REQUESTS = flags.DEFINE_integer("requests", 64, "Requests in the trace.")
-_SLOTS = flags.DEFINE_integer("slots", 8, "Engine rows (requests decoded at once).")
+_REQUESTS = flags.DEFINE_integer("requests", 256, "Requests in the trace.")
+_SLOTS = flags.DEFINE_integer("slots", 16, "Engine rows (requests decoded at once).")
 _PROMPT = flags.DEFINE_list("prompt_tokens", ["8", "128"], "Prompt lengths: log-uniform in [low, high].")
-_OUTPUT = flags.DEFINE_list("output_tokens", ["4", "128"], "Output lengths: log-uniform in [low, high].")
+_OUTPUT = flags.DEFINE_list("output_tokens", ["1", "512"], "Output lengths: log-uniform in [low, high].")
 _RATE = flags.DEFINE_float("rate", 0.0, "Arrivals per second (Poisson); 0: every request at once.")
 _CHUNK = flags.DEFINE_integer("chunk", 64, "Prompt tokens a row prefills per step.")
 
@@ -122,6 +128,8 @@ def main(argv):
     del argv
     from lm import serve
 
+    low_p, high_p = map(int, _PROMPT.value)
+    low_o, high_o = map(int, _OUTPUT.value)
     if _WORKDIR.value:
         from lm import checkpoint
 
@@ -129,11 +137,10 @@ def main(argv):
         config, params = restored.config, restored.params
     else:
         config = _CONFIG.value
+        config.model.max_seq_len = max(config.model.max_seq_len, high_p + high_o)
         params = nn.unbox(model_lib.init(model_lib.build(config), jax.random.key(0)))
     vocab = config.model.vocab_size
     rng = np.random.default_rng(0)
-    low_p, high_p = map(int, _PROMPT.value)
-    low_o, high_o = map(int, _OUTPUT.value)
     if high_p + high_o > config.model.max_seq_len:
         raise ArgumentError(f"--prompt_tokens and --output_tokens ({high_p} + {high_o}) exceed the model's "
                                 f"max_seq_len={config.model.max_seq_len}")
@@ -143,7 +150,8 @@ def main(argv):
              for _ in range(_REQUESTS.value)]
     # Warm-up: one request of each compiled shape's kind (a prompt longer than a chunk, then decoding).
     warm_up = [(trace[0][0][:1] * (_CHUNK.value + 1), 2)] * 2
-    print(f"{config.model.num_layers} layers, d_model {config.model.d_model}, vocab {vocab}; {len(trace)} requests, "
+    print(f"{config.model.num_layers} layers, d_model {config.model.d_model}, vocab {vocab}, context "
+          f"{config.model.max_seq_len}; {len(trace)} requests, "
           f"prompts {low_p}-{high_p} tokens, outputs {low_o}-{high_o} tokens, "
           f"{'all at once' if not _RATE.value else f'{_RATE.value:g} requests/s'}; {_SLOTS.value} rows, "
           f"{jax.devices()[0].device_kind}")

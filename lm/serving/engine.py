@@ -111,6 +111,13 @@ class Engine:
                                             np.zeros((slots, self.row_pages), np.int32), np.zeros(slots, np.int32))
         self.free_pages = collections.deque(range(1, pages))  # Page 0 takes the writes that land nowhere.
         self.rows: list[_Row | None] = [None] * slots
+        # Each row's page table, text so far (prompt and reply, for repetition control), reply start, seed and
+        # sampling settings, kept as arrays and updated as rows change, so a step does not rebuild them from lists.
+        self.pages_bj = np.zeros((slots, self.row_pages), np.int32)
+        self.text_bs = np.zeros((slots, self.row_pages * page_size), np.int32)
+        self.reply_start_b = np.zeros(slots, np.int32)
+        self.seeds_b = np.zeros(slots, np.uint32)
+        self.sampling_b = RowSampling.of([Sampling()] * slots)
         self.waiting: collections.deque[Request] = collections.deque()
         self.cancelled: set[int] = set()
         self.callbacks: dict[int, object] = {}
@@ -201,30 +208,25 @@ class Engine:
         tokens, and the draws of those whose prompt is then all in."""
         rows = [(i, b, self.rows[b]) for i, b in enumerate(batch) if b is not None]
         size = len(batch)
+        place_b = np.asarray([0 if b is None else b for b in batch])
         tokens_bt = np.zeros((size, width), np.int32)
         lengths_b = np.zeros(size, np.int32)
-        pages_bj = np.zeros((size, self.row_pages), np.int32)
         index_b = np.zeros(size, np.int32)
-        context_bs = np.zeros((size, self.row_pages * self.page_size), np.int32)
-        reply_start_b = np.zeros(size, np.int32)
-        seeds_b = np.zeros(size, np.uint32)
-        settings = [Sampling()] * size
         for i, _, row in rows:
             feed = row.tokens[row.fed:row.fed + width] if row.prefilling else row.tokens[-1:]
             tokens_bt[i, :len(feed)] = feed
             lengths_b[i] = len(feed)
-            pages_bj[i, :len(row.pages)] = row.pages
             index_b[i] = row.fed
-            known = row.tokens[:row.fed + len(feed)]
-            context_bs[i, :len(known)] = known
-            reply_start_b[i] = len(row.request.prompt)
-            seeds_b[i] = row.request.seed
-            settings[i] = row.request.sampling
+        # An empty place's table points at page 0 only: the token it runs (a zero) is written there, never into
+        # pages that another row owns.
+        pages_bj = np.where(np.asarray([b is not None for b in batch])[:, None], self.pages_bj[place_b], 0)
         self.cache = self.cache.with_slots(index_b=jnp.asarray(index_b), start_b=jnp.zeros(size, jnp.int32),
                                            pages_bj=jnp.asarray(pages_bj))
-        context = Context(context_bs, np.zeros(size, np.int32), reply_start_b, index_b + lengths_b)
+        context = Context(self.text_bs[place_b], np.zeros(size, np.int32), self.reply_start_b[place_b],
+                          index_b + lengths_b)
+        settings = jax.tree.map(lambda column_b: column_b[place_b], self.sampling_b)
         self.cache, token_b, logprob_b, top_ids_bk, top_logprobs_bk = self._step(
-            self.params, self.cache, tokens_bt, lengths_b, RowSampling.of(settings), context, seeds_b)
+            self.params, self.cache, tokens_bt, lengths_b, settings, context, self.seeds_b[place_b])
         token_b, logprob_b, top_ids_bk, top_logprobs_bk = jax.device_get(
             (token_b, logprob_b, top_ids_bk, top_logprobs_bk))
         self.steps += 1
@@ -235,6 +237,7 @@ class Engine:
                 continue
             token = int(token_b[i])
             row.tokens.append(token)
+            self.text_bs[b, len(row.tokens) - 1] = token
             request = row.request
             top = tuple((int(t), float(lp)) for t, lp in zip(top_ids_bk[i, :request.logprobs],
                                                              top_logprobs_bk[i, :request.logprobs]))
@@ -262,6 +265,7 @@ class Engine:
                 self.waiting.popleft()
                 pages = [self.free_pages.popleft() for _ in range(needed)]
                 self.rows[b] = _Row(request, pages, list(request.prompt))
+                self._place(b, request, pages)
 
     def _drop_cancelled(self) -> list[Event]:
         with self.lock:
@@ -274,9 +278,20 @@ class Engine:
                 self._free(b)
         return events
 
+    def _place(self, b: int, request: Request, pages: list[int]) -> None:
+        """Writes a request admitted to row b into the per-row arrays."""
+        self.pages_bj[b] = 0
+        self.pages_bj[b, :len(pages)] = pages
+        self.text_bs[b, :len(request.prompt)] = request.prompt
+        self.reply_start_b[b] = len(request.prompt)
+        self.seeds_b[b] = request.seed
+        self.sampling_b = _with_row(self.sampling_b, b, RowSampling.of([request.sampling]))
+
     def _free(self, b: int) -> None:
         self.free_pages.extend(self.rows[b].pages)
         self.rows[b] = None
+        # Default settings: a finished row's top-k or penalties must not make the batch pay for them.
+        self.sampling_b = _with_row(self.sampling_b, b, RowSampling.of([Sampling()]))
 
     def _send(self, events: list[Event]) -> list[Event]:
         for event in events:
@@ -286,6 +301,16 @@ class Engine:
             if callback is not None:
                 callback(event)
         return events
+
+
+def _with_row(settings: RowSampling, b: int, row: RowSampling) -> RowSampling:
+    """`settings` with row b's values replaced by those of the one-row `row`."""
+    def put(column_b, value_1):
+        column_b = column_b.copy()
+        column_b[b] = value_1[0]
+        return column_b
+
+    return jax.tree.map(put, settings, row)
 
 
 def _forward_and_draw(model, params, cache, tokens_bt, lengths_b, settings: RowSampling, context: Context,
