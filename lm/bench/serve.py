@@ -13,7 +13,8 @@ at once (`--rate=0`) or arriving as a Poisson process of `--rate` requests/s. Ev
 i as `<i>`, and the server has no EOS to stop at, so each request produces exactly its output length). Reported, all
 from one run of each: output tokens/s over the trace's makespan, time to first token and inter-token latency
 percentiles (p50 / p90 / p99), and how many programs were compiled during the timed trace (after the warm-up; 0 is
-the target). The ratio of the two policies' throughputs is taken in this run.
+the target). The ratio of the two policies' throughputs is taken in this run. Then the same trace runs through the
+engine alone, without HTTP (every request at once): the batching itself, apart from the server's per-token cost.
 
 Static batching pays, for every batch, for its longest request, so the ratio grows with the spread of output lengths
 (about the mean of a batch's longest over the mean length): narrow the range with `--output_tokens` to see it fall.
@@ -170,6 +171,33 @@ def main(argv):
               f"{_percentiles(gaps):>23}  {server.engine.compiled_programs() - compiled}")
         runner.should_exit = True
     print(f"continuous / static throughput: {throughput['continuous'] / throughput['static']:.2f}x")
+    _engine_alone(config, params, trace, warm_up)
+
+
+def _engine_alone(config, params, trace, warm_up) -> None:
+    """The same trace through `lm.serving.engine.Engine` directly, every request at once, no HTTP: what the batching
+    itself gives, apart from the server's per-token cost (events, JSON, the event stream, the client)."""
+    from lm.serving import engine as engine_lib
+    from lm.sampling import Sampling
+
+    print(f"engine alone (no HTTP), the same trace at once:\n{'batching':>10}  {'tokens/s':>8}  {'makespan s':>10}  "
+          f"{'forward passes':>14}  compiles after warm-up")
+    throughput = {}
+    for policy in ("continuous", "static"):
+        engine = engine_lib.Engine(config, params, slots=_SLOTS.value, chunk=_CHUNK.value, policy=policy)
+        for prompt, output in warm_up:
+            engine.submit(engine_lib.Request(prompt, output))
+        engine.run_until_done()
+        compiled, steps = engine.compiled_programs(), engine.steps
+        for seed, (prompt, output) in enumerate(trace):
+            engine.submit(engine_lib.Request(prompt, output, Sampling(temperature=1.0), seed=seed))
+        start = time.perf_counter()
+        engine.run_until_done()
+        makespan = time.perf_counter() - start
+        throughput[policy] = sum(output for _, output in trace) / makespan
+        print(f"{policy:>10}  {throughput[policy]:>8,.0f}  {makespan:>10.1f}  {engine.steps - steps:>14,}  "
+              f"{engine.compiled_programs() - compiled}")
+    print(f"continuous / static throughput, engine alone: {throughput['continuous'] / throughput['static']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -217,9 +217,12 @@ class Engine:
             tokens_bt[i, :len(feed)] = feed
             lengths_b[i] = len(feed)
             index_b[i] = row.fed
-        # An empty place's table points at page 0 only: the token it runs (a zero) is written there, never into
-        # pages that another row owns.
-        pages_bj = np.where(np.asarray([b is not None for b in batch])[:, None], self.pages_bj[place_b], 0)
+        # Each row's table up to the page of the last slot it writes now; every entry after it, and all of an empty
+        # place's, point at page 0. Attention masks those slots anyway, and gathering the one sink page (hot in
+        # cache) instead of pages reserved for tokens not yet written keeps a step's memory traffic to the tokens
+        # there are. An empty place's token (a zero) is written to page 0, never into pages another row owns.
+        written_pages_b = (index_b + lengths_b - 1) // self.page_size + 1  # 0 for an empty place.
+        pages_bj = np.where(np.arange(self.row_pages) < written_pages_b[:, None], self.pages_bj[place_b], 0)
         self.cache = self.cache.with_slots(index_b=jnp.asarray(index_b), start_b=jnp.zeros(size, jnp.int32),
                                            pages_bj=jnp.asarray(pages_bj))
         context = Context(self.text_bs[place_b], np.zeros(size, np.int32), self.reply_start_b[place_b],
