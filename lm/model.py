@@ -286,11 +286,11 @@ class Block(nn.Module):
     (broadcast)) -> ((x, kv), moe stats)` so it can be stacked with `nn.scan`; `kv = (key_lbsgh, value_lbsgh)` is
     every layer's cache (`lm.kv_cache.KVCache`), carried whole so each layer writes its new entries in place (a
     scanned cache would be copied whole every step), and `slots` (`lm.kv_cache.Slots`); both are None unless
-    decoding. `layer` is this layer's index (int32 scalar). A LoReFT run edits the output (`lm.peft.Reft`) at the tokens `reft_bt` marks (bool `[b, t]`; None: every
-    token). `bias_1nts`: the position bias of `position_embedding = "relative"`, or of `"alibi"` against a cache
-    (`Transformer._position_bias`; else None). With `moe`, the
-    MLP is `lm.moe.MoeMlp` and its routing statistics come out beside the cache (`{}` for a dense MLP); padding
-    (segment id 0) is kept out of them.
+    decoding. `layer` is this layer's index (int32 scalar). A LoReFT run edits the output (`lm.peft.Reft`) at the
+    tokens `reft_bt` marks (bool `[b, t]`; None: every token). `bias_1nts`: the position bias of
+    `position_embedding = "relative"`, or of `"alibi"` against a cache (`Transformer._position_bias`; else None).
+    With `moe`, the MLP is `lm.moe.MoeMlp` and its routing statistics come out as the scan's outputs (`{}` for a
+    dense MLP); padding (segment id 0) is kept out of them.
     """
 
     cfg: ml_collections.FrozenConfigDict

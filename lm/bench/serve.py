@@ -3,18 +3,18 @@
     python -m lm.bench.serve [--config=configs/tiny.py | --workdir=DIR] [--requests=256] [--slots=16]
         [--prompt_tokens=8,128] [--output_tokens=1,512] [--rate=0]
 
-For each batching policy (`lm.serving.engine`: continuous, and static, where a new batch waits for the whole last
-one) an `lm.serve` app is run in this process (uvicorn on a free local port), warmed up with a few requests of the
-trace's shapes, then sent the trace: `--requests` completions whose prompt and output lengths are drawn
-log-uniformly from the given ranges (mostly short requests, a few long ones, spanning the two to three orders of
-magnitude of chat traffic's reply lengths; random token ids, temperature 1), all
-at once (`--rate=0`) or arriving as a Poisson process of `--rate` requests/s. Every request streams (the official
-`openai` client, `AsyncOpenAI`), so the client sees each token as it arrives (the benchmark's tokenizer writes token
-i as `<i>`, and the server has no EOS to stop at, so each request produces exactly its output length). Reported, all
-from one run of each: output tokens/s over the trace's makespan, time to first token and inter-token latency
-percentiles (p50 / p90 / p99), and how many programs were compiled during the timed trace (after the warm-up; 0 is
-the target). The ratio of the two policies' throughputs is taken in this run. Then the same trace runs through the
-engine alone, without HTTP (every request at once): the batching itself, apart from the server's per-token cost.
+For each batching policy (`lm.serving.engine`: continuous, and static, where a new batch waits for the whole last one)
+an `lm.serve` app is run in this process (uvicorn on a free local port), warmed up with a few requests of the trace's
+shapes, then sent the trace: `--requests` completions whose prompt and output lengths are drawn log-uniformly from the
+given ranges (mostly short requests, a few long ones, spanning the two to three orders of magnitude of chat traffic's
+reply lengths; random token ids, temperature 1), all at once (`--rate=0`) or arriving as a Poisson process of `--rate`
+requests/s. Every request streams (the official `openai` client, `AsyncOpenAI`), so the client sees each token as it
+arrives (the benchmark's tokenizer writes token i as `<i>`, and the server has no EOS to stop at, so each request
+produces exactly its output length). Reported, all from one run of each: output tokens/s over the trace's makespan, time
+to first token and inter-token latency percentiles (p50 / p90 / p99), and how many programs were compiled during the
+timed trace (after the warm-up; 0 is the target). The ratio of the two policies' throughputs is taken in this run. Then
+the same trace runs through the engine alone, without HTTP (every request at once): the batching itself, apart from the
+server's per-token cost.
 
 Static batching pays, for every batch, for its longest request, so the ratio grows with the spread of output lengths
 (about the mean of a batch's longest over the mean length): narrow the range with `--output_tokens` to see it fall.

@@ -76,7 +76,7 @@ class Event:
 class _Row:
     request: Request
     pages: list[int]
-    tokens: list[int]  # Prompt and reply so far.
+    length: int  # Tokens of prompt and reply so far (held in the engine's `text_bs`).
     fed: int = 0  # Tokens run through the model (in the cache).
 
     @property
@@ -85,7 +85,7 @@ class _Row:
 
     @property
     def reply_length(self) -> int:
-        return len(self.tokens) - len(self.request.prompt)
+        return self.length - len(self.request.prompt)
 
 
 class Engine:
@@ -111,8 +111,9 @@ class Engine:
                                             np.zeros((slots, self.row_pages), np.int32), np.zeros(slots, np.int32))
         self.free_pages = collections.deque(range(1, pages))  # Page 0 takes the writes that land nowhere.
         self.rows: list[_Row | None] = [None] * slots
-        # Each row's page table, text so far (prompt and reply, for repetition control), reply start, seed and
-        # sampling settings, kept as arrays and updated as rows change, so a step does not rebuild them from lists.
+        # Each row's page table, text so far (prompt and reply: what it feeds, and its repetition control's
+        # context), reply start, seed and sampling settings, kept as arrays and updated as rows change, so a step
+        # does not rebuild them from lists.
         self.pages_bj = np.zeros((slots, self.row_pages), np.int32)
         self.text_bs = np.zeros((slots, self.row_pages * page_size), np.int32)
         self.reply_start_b = np.zeros(slots, np.int32)
@@ -212,8 +213,8 @@ class Engine:
         tokens_bt = np.zeros((size, width), np.int32)
         lengths_b = np.zeros(size, np.int32)
         index_b = np.zeros(size, np.int32)
-        for i, _, row in rows:
-            feed = row.tokens[row.fed:row.fed + width] if row.prefilling else row.tokens[-1:]
+        for i, b, row in rows:  # Every token not yet in the cache, up to `width`: a prompt chunk, or the newest.
+            feed = self.text_bs[b, row.fed:min(row.fed + width, row.length)]
             tokens_bt[i, :len(feed)] = feed
             lengths_b[i] = len(feed)
             index_b[i] = row.fed
@@ -239,8 +240,8 @@ class Engine:
             if row.prefilling:
                 continue
             token = int(token_b[i])
-            row.tokens.append(token)
-            self.text_bs[b, len(row.tokens) - 1] = token
+            self.text_bs[b, row.length] = token
+            row.length += 1
             request = row.request
             top = tuple((int(t), float(lp)) for t, lp in zip(top_ids_bk[i, :request.logprobs],
                                                              top_logprobs_bk[i, :request.logprobs]))
@@ -267,7 +268,7 @@ class Engine:
                     break  # First come, first served: later requests wait behind it.
                 self.waiting.popleft()
                 pages = [self.free_pages.popleft() for _ in range(needed)]
-                self.rows[b] = _Row(request, pages, list(request.prompt))
+                self.rows[b] = _Row(request, pages, len(request.prompt))
                 self._place(b, request, pages)
 
     def _drop_cancelled(self) -> list[Event]:
