@@ -22,7 +22,9 @@ Stop strings are matched on the decoded reply here (the engine stops on ids); th
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import threading
 import time
 import uuid
 from typing import Literal
@@ -133,13 +135,19 @@ class Metrics:
         gauge("lm_queue_depth", "Requests waiting for an engine row.", engine.queue_depth)
         gauge("lm_running_requests", "Requests holding an engine row.",
               lambda: sum(row is not None for row in engine.rows))
-        self.recent: list[tuple[float, int]] = []
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens), last 10 s.
+        self.recent_tokens = 0
 
     def generated(self, count: int) -> None:
+        if not count:
+            return
         self.generated_tokens.inc(count)
         now = time.monotonic()
-        self.recent = [(t, c) for t, c in self.recent if now - t < 10.0] + [(now, count)]
-        self.tokens_per_second.set(sum(c for _, c in self.recent) / 10.0)
+        self.recent.append((now, count))
+        self.recent_tokens += count
+        while now - self.recent[0][0] >= 10.0:
+            self.recent_tokens -= self.recent.popleft()[1]
+        self.tokens_per_second.set(self.recent_tokens / 10.0)
 
 
 class Server:
@@ -150,6 +158,7 @@ class Server:
         self.engine = engine_lib.Engine(config, params, **engine_options)
         self.metrics = Metrics(self.engine)
         self.stop_ids = tuple(t for t in (tokenizer.eos_id,) if t is not None)
+        self.courier = _Courier()
         self.app = self._app()
 
     # ------------------------------------------------------------------------------------------ requests
@@ -176,13 +185,13 @@ class Server:
         return bos + self.tokenizer.encode(text)
 
     async def generate(self, ids: list[int], body: _Request, max_tokens: int, logprobs: int, index: int):
-        """Yields `(text_delta, token_events, finish_reason)` as tokens arrive; cancels the request when the
-        consumer stops (a disconnect) or a stop string appears."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        """Yields `(text_delta, token_events, finish_reason)` as tokens arrive, one item for all the tokens that
+        arrived since the consumer last asked (so a consumer that falls behind the engine catches up in one chunk,
+        not one per token); cancels the request when the consumer stops (a disconnect) or a stop string appears."""
+        mailbox = _Mailbox(self.courier)
         seed = (body.seed if body.seed is not None else uuid.uuid4().int % 2**31) + index
         request = engine_lib.Request(ids, max_tokens, body.sampling(), self.stop_ids, seed, logprobs,
-                                     on_token=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+                                     on_token=mailbox.post)
         try:
             self.engine.submit(request)
         except ArgumentError as error:
@@ -194,26 +203,28 @@ class Server:
         finished = False
         try:
             while True:
-                event = await queue.get()
-                if event.token is not None:
-                    if not reply.tokens:
+                events = await mailbox.get()
+                # A stop string must end the reply at the token that completes it, so with stop strings each
+                # token's text is matched on its own.
+                for group in [[event] for event in events] if stops else [events]:
+                    tokens = [event for event in group if event.token is not None]
+                    if tokens and not reply.tokens:
                         self.metrics.first_token.observe(time.monotonic() - arrived)
-                    self.metrics.generated(1)
-                    if event.token not in self.stop_ids:
-                        reply.tokens.append(event.token)
-                reason = event.finish_reason
-                text = sent + reply.new_text(final=reason is not None)
-                # Only a stop string that ends in the new text can be new (the rest was searched before).
-                after = max(0, len(sent) - longest_stop + 1)
-                cut = min((i for i in (text.find(s, after) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                delta, sent = text[len(sent):], text
-                if reason is not None:
-                    finished = event.finish_reason is not None
-                    yield delta, event, "length" if reason == "length" else "stop"
-                    return
-                yield delta, event, None
+                    self.metrics.generated(len(tokens))
+                    reply.tokens.extend(e.token for e in tokens if e.token not in self.stop_ids)
+                    reason = group[-1].finish_reason  # A request's finishing event is its last.
+                    text = sent + reply.new_text(final=reason is not None)
+                    # Only a stop string that ends in the new text can be new (the rest was searched before).
+                    after = max(0, len(sent) - longest_stop + 1)
+                    cut = min((i for i in (text.find(s, after) for s in stops) if i >= 0), default=-1)
+                    if cut >= 0:
+                        text, reason = text[:cut], "stop"
+                    delta, sent = text[len(sent):], text
+                    if reason is not None:
+                        finished = group[-1].finish_reason is not None
+                        yield delta, tokens, "length" if reason == "length" else "stop"
+                        return
+                    yield delta, tokens, None
         finally:
             if not finished:
                 self.engine.cancel(request.id)
@@ -292,34 +303,18 @@ class Server:
         endpoint = http.url.path
         if body.stream:
             async def events():
-                queue: asyncio.Queue = asyncio.Queue()
-
-                async def pump(i, stream, head):
-                    await queue.put((i, *head))
-                    async for item in stream:
-                        await queue.put((i, *item))
-                    await queue.put((i, None, None, "done"))
-
-                tasks = [asyncio.create_task(pump(i, s, h)) for i, (s, h) in enumerate(zip(streams, first))]
                 try:
                     if chat:
                         for i in range(body.n):
                             yield _sse(self._chunk(completion_id, created, name, i, {"role": "assistant",
                                                                                      "content": ""}, None, chat))
-                    done = 0
-                    while done < body.n:
-                        i, delta, event, reason = await queue.get()
-                        if reason == "done":
-                            done += 1
-                            continue
-                        piece = self._logprobs([event] if want_logprobs and event.token is not None else [], chat)
+                    async for i, delta, tokens, reason in _merged(streams, first):
+                        piece = self._logprobs(tokens, chat) if want_logprobs and tokens else None
                         payload = {"content": delta} if chat else delta
                         yield _sse(self._chunk(completion_id, created, name, i, payload, reason, chat, piece))
                     yield "data: [DONE]\n\n"
                     self.metrics.requests.labels(endpoint, "200").inc()
                 finally:
-                    for task in tasks:
-                        task.cancel()
                     for s in streams:
                         await s.aclose()  # A disconnect: cancels the engine requests still running.
 
@@ -335,8 +330,7 @@ class Server:
             for s in streams:
                 await s.aclose()
         choices, generated = [], 0
-        for i, (text, events, reason) in enumerate(collected):
-            tokens = [e for e in events if e.token is not None]
+        for i, (text, tokens, reason) in enumerate(collected):
             generated += len(tokens)
             logprobs_field = self._logprobs(tokens, chat) if want_logprobs else None
             if chat:
@@ -367,6 +361,52 @@ class Server:
                 "text_offset": []}
 
 
+class _Courier:
+    """Carries the engine thread's events to the server's event loop, waking the loop once for all the events posted
+    before it runs: one wake-up (a write to the loop's pipe, and a pass of the loop) per engine step, not per token."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.parcels: list[tuple[object, engine_lib.Event]] = []
+
+    def post(self, loop: asyncio.AbstractEventLoop, deliver, event: engine_lib.Event) -> None:
+        """From the engine's thread: `deliver(event)` runs on `loop` soon."""
+        with self.lock:
+            self.parcels.append((deliver, event))
+            if len(self.parcels) > 1:
+                return  # The wake-up the first parcel asked for has not run yet; it will deliver this one too.
+        loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            parcels, self.parcels = self.parcels, []
+        for deliver, event in parcels:
+            deliver(event)
+
+
+class _Mailbox:
+    """One request's events: posted from the engine's thread, taken by the request's coroutine all at once."""
+
+    def __init__(self, courier: _Courier):
+        self.courier, self.loop = courier, asyncio.get_running_loop()
+        self.events: list[engine_lib.Event] = []
+        self.ready = asyncio.Event()
+
+    def post(self, event: engine_lib.Event) -> None:
+        self.courier.post(self.loop, self._receive, event)
+
+    def _receive(self, event: engine_lib.Event) -> None:
+        self.events.append(event)
+        self.ready.set()
+
+    async def get(self) -> list[engine_lib.Event]:
+        """Every event posted since the last call (waits for at least one)."""
+        await self.ready.wait()
+        self.ready.clear()
+        events, self.events = self.events, []
+        return events
+
+
 class _Detokenizer:
     """A reply's text, decoded a few tokens at a time (vLLM's incremental detokenization): each call decodes the
     tokens since the last stable point with a few before them for context, so a reply of n tokens costs O(n), not
@@ -393,13 +433,46 @@ class _Detokenizer:
 
 
 async def _collect(stream, head) -> tuple[str, list, str]:
-    """`(text, events, finish_reason)` of a choice's stream whose first item is `head`."""
-    text, events, reason = head[0], [head[1]], head[2]
+    """`(text, token_events, finish_reason)` of a choice's stream whose first item is `head`."""
+    text, tokens, reason = head
+    tokens = list(tokens)
     if reason is None:
-        async for delta, event, reason in stream:
+        async for delta, more, reason in stream:
             text += delta
-            events.append(event)
-    return text, events, reason
+            tokens += more
+    return text, tokens, reason
+
+
+async def _merged(streams, first):
+    """`(choice, text_delta, token_events, finish_reason)` of every choice's stream (whose first items are
+    `first`) as they come; one choice's directly, several through tasks that feed one queue."""
+    if len(streams) == 1:
+        yield (0, *first[0])
+        if first[0][2] is None:
+            async for item in streams[0]:
+                yield (0, *item)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream, head):
+        await queue.put((i, *head))
+        if head[2] is None:
+            async for item in stream:
+                await queue.put((i, *item))
+        await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, s, h)) for i, (s, h) in enumerate(zip(streams, first))]
+    try:
+        done = 0
+        while done < len(streams):
+            item = await queue.get()
+            if item is None:
+                done += 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _sse(payload: dict) -> str:

@@ -92,6 +92,29 @@ def test_the_openai_client_gets_completions_chats_and_streams(server):
     assert sorted(c.index for c in several.choices) == [0, 1, 2]
 
 
+def test_streams_carry_the_same_choices_log_probabilities_and_stop_cuts(server):
+    """A stream (whose chunks may carry several tokens each) of n choices with log-probabilities joins to the reply
+    without streaming; a stop string cuts the reply where it first appears, streamed or not."""
+    api = client(server)
+    options = dict(model="lm", prompt="def main(", max_tokens=24, temperature=0, n=2, logprobs=1)
+    whole = api.completions.create(**options)
+    texts, tokens = ["", ""], [0, 0]
+    for chunk in api.completions.create(**options, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            tokens[choice.index] += len(choice.logprobs.token_logprobs) if choice.logprobs else 0
+    assert texts == [c.text for c in whole.choices] and sum(tokens) == whole.usage.completion_tokens
+    reply = whole.choices[0].text
+    stop = reply[len(reply) // 3:len(reply) // 3 + 3]
+    assert stop.strip(), reply  # The test needs a reply with text to cut.
+    want = reply[:reply.find(stop)]
+    cut = api.completions.create(**options, stop=[stop])
+    assert [c.text for c in cut.choices] == [want, want] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(chunk.choices[0].text for chunk in api.completions.create(
+        **{**options, "n": 1}, stop=[stop], stream=True))
+    assert streamed == want
+
+
 def test_100_concurrent_requests_all_succeed(server):
     api = client(server)
 

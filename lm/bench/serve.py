@@ -8,11 +8,13 @@ an `lm.serve` app is run in this process (uvicorn on a free local port), warmed 
 shapes, then sent the trace: `--requests` completions whose prompt and output lengths are drawn log-uniformly from the
 given ranges (mostly short requests, a few long ones, spanning the two to three orders of magnitude of chat traffic's
 reply lengths; random token ids, temperature 1), all at once (`--rate=0`) or arriving as a Poisson process of `--rate`
-requests/s. Every request streams (the official `openai` client, `AsyncOpenAI`), so the client sees each token as it
-arrives (the benchmark's tokenizer writes token i as `<i>`, and the server has no EOS to stop at, so each request
-produces exactly its output length). Reported, all from one run of each: output tokens/s over the trace's makespan, time
-to first token and inter-token latency percentiles (p50 / p90 / p99), and how many programs were compiled during the
-timed trace (after the warm-up; 0 is the target). The ratio of the two policies' throughputs is taken in this run. Then
+requests/s. Every request streams (the official `openai` client, `AsyncOpenAI`, in a process of its own as a load
+generator would be), so the client sees tokens as they arrive (the benchmark's tokenizer writes token i as `<i>`, and
+the server has no EOS to stop at, so each request produces exactly its output length). Reported, all from one run of
+each: output tokens/s over the trace's makespan, time to first token and inter-token latency percentiles (p50 / p90 /
+p99; the time between a request's chunks, and a chunk carries every token the server had for the request when it wrote
+it, one in a server that keeps up), and how many programs were compiled during the timed trace (after the warm-up; 0
+is the target). The ratio of the two policies' throughputs is taken in this run. Then
 the same trace runs through the engine alone, without HTTP (every request at once): the batching itself, apart from the
 server's per-token cost.
 
@@ -25,6 +27,8 @@ its own, and a trace that does not fit is refused.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import multiprocessing
 import socket
 import threading
 import time
@@ -83,6 +87,18 @@ def _start(server) -> tuple[str, object]:
         time.sleep(0.05)
     server.engine.start()
     return f"http://127.0.0.1:{port}/v1", runner
+
+
+def _client(base_url: str, trace, rate: float, seed: int):
+    """Runs `_run_trace` in a process of its own, as a load generator would be: the client's parsing of every chunk
+    then does not take the server's interpreter lock from its engine thread and event loop."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_trace_in_process, base_url, trace, rate, seed).result()
+
+
+def _trace_in_process(base_url: str, trace, rate: float, seed: int):
+    return asyncio.run(_run_trace(base_url, trace, rate, seed))
 
 
 async def _run_trace(base_url: str, trace, rate: float, seed: int):
@@ -163,9 +179,9 @@ def main(argv):
         server = serve.Server(config, params, _Tokenizer(vocab), model_name="lm", slots=_SLOTS.value,
                               chunk=_CHUNK.value, policy=policy)
         base_url, runner = _start(server)
-        asyncio.run(_run_trace(base_url, warm_up, 0.0, seed=1))
+        _client(base_url, warm_up, 0.0, seed=1)
         compiled = server.engine.compiled_programs()
-        makespan, tokens, first, gaps = asyncio.run(_run_trace(base_url, trace, _RATE.value, seed=2))
+        makespan, tokens, first, gaps = _client(base_url, trace, _RATE.value, seed=2)
         throughput[policy] = tokens / makespan
         print(f"{policy:>10}  {tokens / makespan:>8,.0f}  {makespan:>10.1f}  {_percentiles(first):>23}  "
               f"{_percentiles(gaps):>23}  {server.engine.compiled_programs() - compiled}")
