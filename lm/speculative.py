@@ -19,7 +19,7 @@ context holding `d_1 .. d_{i-1}`, so p and q are exactly the distributions plain
 
 A draft that is rarely right makes decoding slower, not faster (each round costs a target pass over K + 1 tokens and
 K draft steps for about one token). After `PROBE_ROUNDS` rounds, if fewer than `min_acceptance` of the drafted tokens
-were accepted, the loop goes on with plain decoding of the target alone.
+were accepted, decoding goes on with the target alone, in a second loop that carries nothing of the draft's.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def generate(params, draft_params, prompt_bt, start_b, rng, stop_strings, *, mod
 
     def plain_step(state):
         """One token of plain decoding by the target (after speculation stopped paying)."""
-        target_cache, draft_cache, context, stops, done_b, step, counts = state
+        target_cache, context, stops, done_b, step = state
         newest_b = context.tokens_bs[rows, context.length_b - 1]
         logits_bv, target_cache = model.apply({"params": params}, newest_b[:, None], target_cache, method=model.decode)
         token_b = sample(logits_bv, jax.random.fold_in(plain_key, step), sampling, context)
@@ -100,7 +100,7 @@ def generate(params, draft_params, prompt_bt, start_b, rng, stop_strings, *, mod
         context = context.append(token_b)
         context = context.replace(length_b=jnp.where(done_b, context.length_b - 1, context.length_b))
         done_b = done_b | stopped_b | (reply_lengths(context) >= max_new_tokens)
-        return target_cache, draft_cache, context, stops, done_b, step + 1, counts
+        return target_cache, context, stops, done_b, step + 1
 
     def speculative_round(state):
         target_cache, draft_cache, context, stops, done_b, step, counts = state
@@ -168,16 +168,18 @@ def generate(params, draft_params, prompt_bt, start_b, rng, stop_strings, *, mod
                   "accepted": counts["accepted"] + jnp.sum(jnp.where(was_live_b, n_b, 0))}
         return target_cache, draft_cache, context, stops, done_b, step + 1, counts
 
-    def speculating(counts):
-        probing = counts["rounds"] < PROBE_ROUNDS
-        return probing | (counts["accepted"] >= min_acceptance * counts["proposed"])
-
-    def body(state):
-        return jax.lax.cond(speculating(state[-1]), speculative_round, plain_step, state)
+    def speculating(state):
+        counts = state[-1]
+        paying = (counts["rounds"] < PROBE_ROUNDS) | (counts["accepted"] >= min_acceptance * counts["proposed"])
+        return ~jnp.all(state[4]) & paying
 
     zero = jnp.zeros((), jnp.int32)
     state = (target_cache, draft_cache, context, Stops.start(stop_ids, stop_strings, batch),
              jnp.zeros((batch,), bool), zero, {"rounds": zero, "proposed": zero, "accepted": zero})
-    _, _, context, _, _, _, counts = jax.lax.while_loop(lambda state: ~jnp.all(state[4]), body, state)
+    target_cache, _, context, stops, done_b, step, counts = jax.lax.while_loop(speculating, speculative_round, state)
+    # Speculation stopped paying (or every row is done): the target goes on alone, in a loop of its own that carries
+    # nothing of the draft's.
+    _, context, _, _, _ = jax.lax.while_loop(lambda state: ~jnp.all(state[3]), plain_step,
+                                             (target_cache, context, stops, done_b, step))
     reply_bt = context.tokens_bs[:, prompt_length:prompt_length + max_new_tokens]
     return reply_bt, reply_lengths(context), counts

@@ -16,6 +16,7 @@ from lm import config as lm_config
 from lm import generate
 from lm import model as model_lib
 from lm import sampling
+from lm.bench import draft_data as bench_draft_data
 
 
 def model(layers, d, seed, vocab=64, init_std=0.02):
@@ -127,3 +128,26 @@ def test_generate_cli_with_a_draft_run(small_run, run_lm, sentencepiece_tokenize
     result = run_lm("lm.generate", *args, f"--draft_workdir={other}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "has another tokenizer than --workdir" in result.stderr.strip().splitlines()[-1]
+
+
+def test_draft_data_and_the_decoding_benchmark_on_trained_runs(small_run, run_lm, tmp_path):
+    """`lm.bench.draft_data` writes the target's greedy continuations of corpus openings; `lm.bench.decode` decodes
+    validation openings with a draft run (here the target itself: every drafted token accepted, the same tokens)."""
+    import json
+
+    from lm import checkpoint
+    from lm.data import tokenizer as tokenizer_lib
+
+    run_lm("lm.bench.draft_data", f"--workdir={small_run}", f"--out={tmp_path}", "--prompts=3",
+           "--prompt_tokens=6", "--new_tokens=5", "--batch=2")
+    texts = [json.loads(line)["text"] for line in open(tmp_path / "continuations.jsonl")]
+    tokenizer = tokenizer_lib.from_workdir(small_run)
+    restored = checkpoint.restore(small_run)
+    prompts = bench_draft_data.corpus_prompts(tokenizer, 3, 6)
+    replies = generate.generate(restored.config, restored.params, prompts, max_new_tokens=5, eos_id=tokenizer.eos_id)
+    assert texts == [tokenizer.decode(p[1:] + [t for t in r if t != tokenizer.eos_id]) for p, r in zip(prompts, replies)]
+    out = run_lm("lm.bench.decode", f"--workdir={small_run}", f"--draft_workdir={small_run}", "--prompts=2",
+                 "--prompt_length=6", "--new_tokens=8", "--batch_sizes=1", "--repeats=1", "--transformers=false").stdout
+    close = next(line for line in out.splitlines() if line.strip().startswith(small_run))
+    accepted, same = close.split()[-4], close.split()[-1]
+    assert float(accepted) == 1.0 and same == "yes", out

@@ -2,7 +2,7 @@
 transformers' `generate`, and with speculative decoding.
 
     python -m lm.bench.decode [--config=configs/tiny.py] [--new_tokens=256] [--prompt_length=16]
-        [--draft_layers=1 --draft_tokens=4] [--workdir=TARGET --draft_workdir=DRAFT] [--transformers=true]
+        [--draft_layers=1 --draft_tokens=4] [--workdir=TARGET --draft_workdir=DRAFT --prompts=8] [--transformers=true]
 
 For batch sizes 1 and 8, greedy-decodes `--new_tokens` tokens after a random prompt with randomly initialised
 parameters (speed does not depend on the weights) in two ways:
@@ -22,7 +22,10 @@ draft is the model's own first `--draft_layers` layers with its embeddings, fina
 "early exit" drafting; at random initialisation the residual stream is mostly the embedding, so it agrees with the
 whole model often); the useless draft is a model of the same shape with other random weights (it agrees about once
 in a vocabulary). For each: the acceptance rate, tokens/s, the speed-up over plain decoding, and whether the tokens
-are plain decoding's.
+are plain decoding's. With `--workdir=TARGET --draft_workdir=DRAFT` (two trained runs sharing a tokenizer; a draft
+trained on the target's own continuations, `lm.bench.draft_data`, agrees with it most), the close draft is DRAFT, and
+each way decodes `--prompts` openings of `--prompt_length` tokens of the built-in corpus's validation files (which
+neither run trained on), one at a time; the acceptance rate is over all of them.
 
 Against transformers (batch 1, greedy, `--transformers`): the same weights written as a Hugging Face model
 (`lm.hf`), loaded by `transformers.AutoModelForCausalLM` in PyTorch on the same CPU threads, `generate` with its KV
@@ -54,6 +57,7 @@ _DRAFT_LAYERS = flags.DEFINE_integer("draft_layers", 1, "Speculative decoding: t
 _WORKDIR = flags.DEFINE_string("workdir", None, "Speculative decoding of this trained run (else random weights).")
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "With --workdir: the trained run that drafts.")
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens drafted per round.")
+_PROMPTS = flags.DEFINE_integer("prompts", 8, "With --workdir: corpus openings decoded speculatively, one at a time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each way (after one that compiles); the fastest counts.")
 _TRANSFORMERS = flags.DEFINE_bool("transformers", True, "Time transformers' generate on the same weights.")
 
@@ -131,40 +135,49 @@ def early_exit_draft(config, params, layers: int):
 
 def speculative_decoding(config, params, prompt_1t: np.ndarray, new_tokens: int) -> None:
     """Prints plain against speculative decoding with a close and a useless draft (module docstring); with
-    `--workdir` and `--draft_workdir`, of those trained runs (the prompt: the target's tokenizer's BOS and "def ")."""
+    `--workdir` and `--draft_workdir`, of those trained runs, over `--prompts` openings of the built-in corpus's
+    validation files, each decoded alone (batch 1) in turn."""
     if _WORKDIR.value:
         from lm import checkpoint
+        from lm.bench import draft_data
         from lm.data import tokenizer as tokenizer_lib
 
         target, draft_run = checkpoint.restore(_WORKDIR.value), checkpoint.restore(_DRAFT_WORKDIR.value)
         config, params = target.config, target.params
         draft_config, draft_params = draft_run.config, draft_run.params
         tokenizer = tokenizer_lib.from_workdir(_WORKDIR.value)
-        prompt_1t = np.asarray([[tokenizer.bos_id, *tokenizer.encode("def ")]], np.int32)
+        prompts = draft_data.corpus_prompts(tokenizer, _PROMPTS.value, _PROMPT_LENGTH.value, split="validation")
         close = f"{_DRAFT_WORKDIR.value} ({draft_config.model.num_layers} layers)"
         for c in (config, draft_config):  # As for the random model (main): RoPE needs no table.
-            c.model.max_seq_len = max(c.model.max_seq_len, prompt_1t.shape[1] + new_tokens)
+            c.model.max_seq_len = max(c.model.max_seq_len, _PROMPT_LENGTH.value + new_tokens)
     else:
         draft_config, draft_params = early_exit_draft(config, params, _DRAFT_LAYERS.value)
         close = f"close ({_DRAFT_LAYERS.value} of {config.model.num_layers} layers)"
-    prompts = prompt_1t.tolist()
-    plain_seconds, plain = timed(lambda: generate.generate(config, params, prompts, max_new_tokens=new_tokens))
+        prompts = prompt_1t.tolist()
+
+    def each_alone(**options):
+        """Every prompt decoded at batch 1 in turn: the replies, and the draft's counts summed over them."""
+        replies, counts = [], {}
+        for prompt in prompts:
+            stats = {}
+            replies += generate.generate(config, params, [prompt], max_new_tokens=new_tokens, stats=stats,
+                                         **options)
+            for name, value in stats.items():
+                counts[name] = counts.get(name, 0) + value
+        return replies, counts
+
+    tokens = new_tokens * len(prompts)
+    plain_seconds, (plain, _) = timed(each_alone)
     useless_params = nn.unbox(model_lib.init(model_lib.build(draft_config), jax.random.key(1)))
-    print(f"speculative decoding, batch 1, {new_tokens} new tokens, K = {_DRAFT_TOKENS.value}: "
-          f"plain {new_tokens / plain_seconds:,.0f} tok/s")
+    print(f"speculative decoding, batch 1, {len(prompts)} prompt(s) of {len(prompts[0])} tokens, {new_tokens} new "
+          f"tokens each, K = {_DRAFT_TOKENS.value}: plain {tokens / plain_seconds:,.0f} tok/s")
     print(f"{'draft':>28}  {'accepted':>8}  {'tok/s':>7}  {'speed-up':>8}  same tokens")
     for name, draft_params_ in ((close, draft_params), ("useless (random)", useless_params)):
         draft = generate.Draft(draft_config, draft_params_, _DRAFT_TOKENS.value)
-        counts = {}
-
-        def speculate():
-            counts.clear()  # The timed run's counts, not the warm-up's.
-            return generate.generate(config, params, prompts, max_new_tokens=new_tokens, draft=draft, stats=counts)
-
-        seconds, tokens = timed(speculate)
+        seconds, (replies, counts) = timed(lambda: each_alone(draft=draft))
         accepted = counts["accepted"] / max(counts["proposed"], 1)
-        print(f"{name:>28}  {accepted:>8.2f}  {new_tokens / seconds:>7,.0f}  {plain_seconds / seconds:>7.2f}x  "
-              f"{'yes' if tokens == plain else 'no'}")
+        print(f"{name:>28}  {accepted:>8.2f}  {tokens / seconds:>7,.0f}  {plain_seconds / seconds:>7.2f}x  "
+              f"{'yes' if replies == plain else 'no'}")
 
 
 def against_transformers(config, params, prompt_1t: np.ndarray, new_tokens: int) -> None:
