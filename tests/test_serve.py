@@ -194,8 +194,8 @@ def test_replies_are_detokenized_incrementally_as_decoded_whole(small_run):
 
 
 def test_the_serving_benchmark_runs_both_policies_without_compiling_after_warm_up(small_run, run_lm):
-    """`lm.bench.serve` on a trained run, shrunk: both policies stream every token of the trace through the `openai`
-    client, then run it in the engine alone, and neither compiles anything after its warm-up."""
+    """`lm.bench.serve` on a trained run, shrunk: both policies stream every token of the trace through the server,
+    then run it in the engine alone, and neither compiles anything after its warm-up."""
     output = run_lm("lm.bench.serve", f"--workdir={small_run}", "--requests=6", "--slots=2", "--chunk=8",
                     "--prompt_tokens=2,12", "--output_tokens=1,6").stdout
     rows = [line.split() for line in output.splitlines()

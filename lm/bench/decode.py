@@ -32,6 +32,7 @@ Against transformers (batch 1, greedy, `--transformers`): the same weights writt
 cache (`min_new_tokens` so both produce every token), timed after a warm-up run like lm's.
 """
 
+import collections
 import json
 import time
 
@@ -157,13 +158,12 @@ def speculative_decoding(config, params, prompt_1t: np.ndarray, new_tokens: int)
 
     def each_alone(**options):
         """Every prompt decoded at batch 1 in turn: the replies, and the draft's counts summed over them."""
-        replies, counts = [], {}
+        replies, counts = [], collections.Counter()
         for prompt in prompts:
             stats = {}
             replies += generate.generate(config, params, [prompt], max_new_tokens=new_tokens, stats=stats,
                                          **options)
-            for name, value in stats.items():
-                counts[name] = counts.get(name, 0) + value
+            counts.update(stats)
         return replies, counts
 
     tokens = new_tokens * len(prompts)

@@ -29,6 +29,7 @@ from lm import generate
 from lm.data import text_files
 from lm.data import tokenizer as tokenizer_lib
 
+
 def corpus_prompts(tokenizer, count: int, tokens: int, split: str = "train", seed: int = 0) -> list[list[int]]:
     """`count` windows of `tokens` token ids (BOS first) of the built-in corpus's `split` ("train" or "validation"),
     each starting at the beginning of a line drawn at random."""

@@ -224,33 +224,35 @@ class Engine:
         # there are. An empty place's token (a zero) is written to page 0, never into pages another row owns.
         written_pages_b = (index_b + lengths_b - 1) // self.page_size + 1  # 0 for an empty place.
         pages_bj = np.where(np.arange(self.row_pages) < written_pages_b[:, None], self.pages_bj[place_b], 0)
-        self.cache = self.cache.with_slots(index_b=jnp.asarray(index_b), start_b=jnp.zeros(size, jnp.int32),
-                                           pages_bj=jnp.asarray(pages_bj))
         context = Context(self.text_bs[place_b], np.zeros(size, np.int32), self.reply_start_b[place_b],
                           index_b + lengths_b)
         settings = jax.tree.map(lambda column_b: column_b[place_b], self.sampling_b)
+        # Host arrays all, the cache's slots too: the step's program takes them in (eager jnp calls here would each
+        # dispatch a program of their own, about a sixth of a step's time).
+        self.cache = self.cache.with_slots(index_b=index_b, start_b=np.zeros(size, np.int32), pages_bj=pages_bj)
         self.cache, token_b, logprob_b, top_ids_bk, top_logprobs_bk = self._step(
             self.params, self.cache, tokens_bt, lengths_b, settings, context, self.seeds_b[place_b])
         token_b, logprob_b, top_ids_bk, top_logprobs_bk = jax.device_get(
             (token_b, logprob_b, top_ids_bk, top_logprobs_bk))
+        token_b, logprob_b = token_b.tolist(), logprob_b.tolist()
         self.steps += 1
         events = []
         for i, b, row in rows:
             row.fed += int(lengths_b[i])
             if row.prefilling:
                 continue
-            token = int(token_b[i])
+            token = token_b[i]
             self.text_bs[b, row.length] = token
             row.length += 1
             request = row.request
-            top = tuple((int(t), float(lp)) for t, lp in zip(top_ids_bk[i, :request.logprobs],
-                                                             top_logprobs_bk[i, :request.logprobs]))
+            top = tuple(zip(top_ids_bk[i, :request.logprobs].tolist(),
+                            top_logprobs_bk[i, :request.logprobs].tolist())) if request.logprobs else ()
             finish = None
             if token in request.stop_ids:
                 finish = "stop"
             elif row.reply_length >= request.max_tokens:
                 finish = "length"
-            events.append(Event(request.id, token, float(logprob_b[i]), top, finish))
+            events.append(Event(request.id, token, logprob_b[i], top, finish))
             if finish is not None:
                 self._free(b)
         return events
