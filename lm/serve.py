@@ -446,19 +446,17 @@ async def _collect(stream, head) -> tuple[str, list, str]:
 async def _merged(streams, first):
     """`(choice, text_delta, token_events, finish_reason)` of every choice's stream (whose first items are
     `first`) as they come; one choice's directly, several through tasks that feed one queue."""
-    if len(streams) == 1:
+    if len(streams) == 1:  # (A stream that has finished ends at once.)
         yield (0, *first[0])
-        if first[0][2] is None:
-            async for item in streams[0]:
-                yield (0, *item)
+        async for item in streams[0]:
+            yield (0, *item)
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, stream, head):
         await queue.put((i, *head))
-        if head[2] is None:
-            async for item in stream:
-                await queue.put((i, *item))
+        async for item in stream:
+            await queue.put((i, *item))
         await queue.put(None)
 
     tasks = [asyncio.create_task(pump(i, s, h)) for i, (s, h) in enumerate(zip(streams, first))]

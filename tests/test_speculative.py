@@ -145,7 +145,8 @@ def test_draft_data_and_the_decoding_benchmark_on_trained_runs(small_run, run_lm
     restored = checkpoint.restore(small_run)
     prompts = bench_draft_data.corpus_prompts(tokenizer, 3, 6)
     replies = generate.generate(restored.config, restored.params, prompts, max_new_tokens=5, eos_id=tokenizer.eos_id)
-    assert texts == [tokenizer.decode(p[1:] + [t for t in r if t != tokenizer.eos_id]) for p, r in zip(prompts, replies)]
+    eos = tokenizer.eos_id
+    assert texts == [tokenizer.decode(p[1:] + [t for t in r if t != eos]) for p, r in zip(prompts, replies)]
     out = run_lm("lm.bench.decode", f"--workdir={small_run}", f"--draft_workdir={small_run}", "--prompts=2",
                  "--prompt_length=6", "--new_tokens=8", "--batch_sizes=1", "--repeats=1", "--transformers=false").stdout
     close = next(line for line in out.splitlines() if line.strip().startswith(small_run))

@@ -28,6 +28,7 @@ from lm import cli
 from lm import generate
 from lm.data import text_files
 from lm.data import tokenizer as tokenizer_lib
+from lm.errors import ArgumentError
 
 
 def corpus_prompts(tokenizer, count: int, tokens: int, split: str = "train", seed: int = 0) -> list[list[int]]:
@@ -38,13 +39,16 @@ def corpus_prompts(tokenizer, count: int, tokens: int, split: str = "train", see
                  if text_files.is_validation(key, spec.validation_percent) == (split == "validation")]
     rng = np.random.default_rng(seed)
     prompts = []
-    while len(prompts) < count:
+    for _ in range(100 * count):
         lines = documents[rng.integers(len(documents))].splitlines(keepends=True) or [""]
         start = int(rng.integers(len(lines)))
         ids = tokenizer.encode("".join(lines[start:start + 20]))
         if len(ids) >= tokens - 1:
             prompts.append([tokenizer.bos_id, *ids[:tokens - 1]])
-    return prompts
+            if len(prompts) == count:
+                return prompts
+    raise ArgumentError(f"the corpus's {split} files gave {len(prompts)} of {count} openings of {tokens} tokens in "
+                        f"{100 * count} draws: ask for shorter ones")
 
 
 def define_flags() -> None:

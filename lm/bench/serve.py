@@ -9,14 +9,14 @@ shapes, then sent the trace: `--requests` completions whose prompt and output le
 given ranges (mostly short requests, a few long ones, spanning the two to three orders of magnitude of chat traffic's
 reply lengths; random token ids, temperature 1), all at once (`--rate=0`) or arriving as a Poisson process of `--rate`
 requests/s. Every request streams (raw server-sent events over aiohttp, as vLLM's serving benchmark sends them, from
-a process of its own as a load generator would be), so the client sees tokens as they arrive (the benchmark's tokenizer writes token i as `<i>`, and
-the server has no EOS to stop at, so each request produces exactly its output length). Reported, all from one run of
-each: output tokens/s over the trace's makespan, time to first token and inter-token latency percentiles (p50 / p90 /
-p99; the time between a request's chunks, and a chunk carries every token the server had for the request when it wrote
-it, one in a server that keeps up), and how many programs were compiled during the timed trace (after the warm-up; 0
-is the target). The ratio of the two policies' throughputs is taken in this run. Then
-the same trace runs through the engine alone, without HTTP (every request at once): the batching itself, apart from the
-server's per-token cost.
+a process of its own as a load generator would be), so the client sees tokens as they arrive (the benchmark's
+tokenizer writes token i as `<i>`, and the server has no EOS to stop at, so each request produces exactly its output
+length). Reported, all from one run of each: output tokens/s over the trace's makespan, time to first token and
+inter-token latency percentiles (p50 / p90 / p99; the time between a request's chunks, and a chunk carries every token
+the server had for the request when it wrote it, one in a server that keeps up), and how many programs were compiled
+during the timed trace (after the warm-up; 0 is the target). The ratio of the two policies' throughputs is taken in
+this run. Then the same trace runs through the engine alone, without HTTP (every request at once): the batching
+itself, apart from the server's per-token cost.
 
 Static batching pays, for every batch, for its longest request, so the ratio grows with the spread of output lengths
 (about the mean of a batch's longest over the mean length): narrow the range with `--output_tokens` to see it fall.
